@@ -6,6 +6,7 @@ logit columns, softmax heads ``C + 1`` with background last; boxes ``(x1, y1, x2
 """
 
 from .focal import sigmoid_focal_loss, softmax_cross_entropy
+from .hlr import HLRRank, gt_group_ids, iou_hlr, nms_match, score_hlr
 from .regression import aligned_box_iou, l1_loss, smooth_l1_loss
 
 __all__ = [
@@ -14,4 +15,9 @@ __all__ = [
     "smooth_l1_loss",
     "l1_loss",
     "aligned_box_iou",
+    "HLRRank",
+    "iou_hlr",
+    "gt_group_ids",
+    "nms_match",
+    "score_hlr",
 ]

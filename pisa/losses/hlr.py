@@ -1,0 +1,312 @@
+"""Hierarchical local ranks (HLR) of PISA, and the ``nms_match`` grouping they use.
+
+* IoU-HLR ranks positives: group by GT, rank by IoU inside each group, then order all rank-0
+  samples by IoU, then all rank-1 samples, and so on, separately per class.
+* Score-HLR ranks negatives the same way, with NMS clusters (``nms_match``) as groups and the
+  maximum foreground probability as the score.
+
+Everything is batched: ranks come from stable sorts and run-starts (cumulative maxima), never
+from Python loops over classes, GTs, groups or images. Ties are broken by the lower flat index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .focal import upcast
+
+__all__ = ["HLRRank", "iou_hlr", "gt_group_ids", "nms_match", "score_hlr"]
+
+
+# --------------------------------------------------------------------------------------------
+# sorting helpers
+# --------------------------------------------------------------------------------------------
+
+def _lexsort(keys: list[tuple[Tensor, bool]]) -> Tensor:
+    """Stable lexicographic argsort of 1-D keys; ties go to the lower index.
+
+    Args:
+        keys: ``(key, descending)`` pairs, most significant first, all of length ``n``.
+
+    Returns:
+        ``(n,)`` int64 permutation.
+    """
+    n = keys[0][0].shape[0]
+    perm = torch.arange(n, device=keys[0][0].device)
+    # Least significant key first; every later stable sort keeps the earlier order among its ties.
+    for key, descending in reversed(keys):
+        perm = perm[torch.argsort(key[perm], descending=descending, stable=True)]
+    return perm
+
+
+def _run_starts(sorted_keys: list[Tensor]) -> Tensor:
+    """For keys already in sorted order, the index where each element's run of equal keys starts.
+
+    Args:
+        sorted_keys: 1-D tensors of equal length ``n`` (e.g. ``labels[order]``); a run is a maximal
+            stretch where all of them are equal.
+
+    Returns:
+        ``(n,)`` int64; ``arange(n) - result`` is each element's 0-based position inside its run.
+    """
+    n = sorted_keys[0].shape[0]
+    device = sorted_keys[0].device
+    new_run = torch.zeros(n, dtype=torch.bool, device=device)
+    new_run[0] = True
+    for key in sorted_keys:
+        new_run[1:] |= key[1:] != key[:-1]
+    idx = torch.arange(n, device=device)
+    return torch.cummax(torch.where(new_run, idx, torch.zeros_like(idx)), dim=0).values
+
+
+def _rank_in_runs(order: Tensor, keys: list[Tensor]) -> Tensor:
+    """0-based position of every element inside its run of equal ``keys`` along ``order``.
+
+    Args:
+        order: ``(n,)`` permutation sorted (at least) by ``keys``.
+        keys: 1-D tensors in original element order.
+
+    Returns:
+        ``(n,)`` int64 ranks in original element order.
+    """
+    sorted_keys = [k[order] for k in keys]
+    pos = torch.arange(order.shape[0], device=order.device)
+    ranks_sorted = pos - _run_starts(sorted_keys)
+    return torch.empty_like(ranks_sorted).scatter_(0, order, ranks_sorted)
+
+
+# --------------------------------------------------------------------------------------------
+# IoU-HLR (positives)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class HLRRank:
+    """IoU-HLR ranks of ``P`` positives.
+
+    Attributes:
+        local_rank: ``(P,)`` int64, position inside the positive's ``(class, group)`` by IoU, descending.
+        rank: ``(P,)`` int64, position among the positives of its class by ``(local_rank, -IoU)``.
+        n_max: scalar int64 tensor, the largest number of positives of any one class (0 if ``P = 0``).
+    """
+
+    local_rank: Tensor
+    rank: Tensor
+    n_max: Tensor
+
+
+def iou_hlr(labels: Tensor, groups: Tensor, ious: Tensor, legacy_float_keys: bool = False) -> HLRRank:
+    """IoU hierarchical local rank of positives (PISA §3.1; method spec §2 step 4).
+
+    Args:
+        labels: ``(P,)`` int64 class of each positive.
+        groups: ``(P,)`` int64 group id (GT identity, see ``gt_group_ids``); only compared within a class.
+        ious: ``(P,)`` float IoU of each positive's regressed box with its GT.
+        legacy_float_keys: rank with the reference's float32 key ``iou + n_max - local_rank`` (stable
+            sort) instead of exact lexicographic keys; differs only for near-ties (defect D9).
+
+    Returns:
+        ``HLRRank`` with local ranks, class ranks and ``n_max``.
+    """
+    if not (labels.shape == groups.shape == ious.shape) or labels.dim() != 1:
+        raise ValueError("iou_hlr: labels, groups and ious must be 1-D of equal length, got "
+                         f"{tuple(labels.shape)}, {tuple(groups.shape)}, {tuple(ious.shape)}")
+    device = labels.device
+    if labels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return HLRRank(empty, empty.clone(), torch.zeros((), dtype=torch.long, device=device))
+    ious = upcast(ious).detach()
+    labels, groups = labels.long(), groups.long()
+    order1 = _lexsort([(labels, False), (groups, False), (ious, True)])
+    local_rank = _rank_in_runs(order1, [labels, groups])
+    # order1 is sorted by class first, so its class runs give the per-class counts.
+    n_max = _rank_in_runs(order1, [labels]).max() + 1
+    if legacy_float_keys:
+        key = ious.float() + (n_max - local_rank).float()
+        order2 = _lexsort([(labels, False), (key, True)])
+    else:
+        order2 = _lexsort([(labels, False), (local_rank, False), (ious, True)])
+    rank = _rank_in_runs(order2, [labels])
+    return HLRRank(local_rank=local_rank, rank=rank, n_max=n_max)
+
+
+def gt_group_ids(img_inds: Tensor, gt_inds: Tensor, legacy_gt_offset: bool = False) -> Tensor:
+    """Integer group id of each positive's ``(image, GT)`` pair.
+
+    Args:
+        img_inds: ``(P,)`` image index of each positive, non-decreasing (positives in ascending
+            flat order, image-major).
+        gt_inds: ``(P,)`` index of the assigned GT inside its image (``>= 0``).
+        legacy_gt_offset: reproduce the reference's non-cumulative offset (defect D1): image ``i``'s
+            GT indices are shifted by ``1 +`` the largest GT index among the positives of the
+            previous image that has positives. With 3+ images, ids of different images collide.
+
+    Returns:
+        ``(P,)`` int64 group ids. By default they are unique per ``(image, GT)`` pair.
+    """
+    if img_inds.shape != gt_inds.shape or img_inds.dim() != 1:
+        raise ValueError("gt_group_ids: img_inds and gt_inds must be 1-D of equal length, got "
+                         f"{tuple(img_inds.shape)} and {tuple(gt_inds.shape)}")
+    img, gt = img_inds.long(), gt_inds.long()
+    if gt.numel() == 0:
+        return gt.clone()
+    if not legacy_gt_offset:
+        return img * (gt.max() + 1) + gt
+    if bool((img[1:] < img[:-1]).any()):
+        raise ValueError("gt_group_ids(legacy_gt_offset=True): img_inds must be non-decreasing "
+                         "(positives in ascending flat order, image-major)")
+    # One run per image that has positives; the offset of run j is 1 + the max GT index of run j-1.
+    new_run = torch.ones_like(img, dtype=torch.bool)
+    new_run[1:] = img[1:] != img[:-1]
+    run_id = torch.cumsum(new_run.long(), 0) - 1
+    run_max = torch.full_like(gt, -1).scatter_reduce(0, run_id, gt, reduce="amax", include_self=True)
+    prev_max = torch.cat([run_max.new_full((1,), -1), run_max[:-1]])
+    return gt + (prev_max + 1)[run_id]
+
+
+# --------------------------------------------------------------------------------------------
+# nms_match and Score-HLR (negatives)
+# --------------------------------------------------------------------------------------------
+
+def _pairwise_iou(boxes: Tensor) -> Tensor:
+    """``(R, V, 4) -> (R, V, V)`` IoU in float32 with no eps (a 0/0 stays NaN and never matches).
+
+    The result is bit-for-bit symmetric: every operation is commutative in IEEE arithmetic.
+    """
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    inter = w.mul_(h)
+    area = (x2 - x1) * (y2 - y1)
+    return inter / (area[:, :, None] + area[:, None, :] - inter)
+
+
+def _greedy_keep(suppressed_by: Tensor, valid: Tensor) -> Tensor:
+    """Keep set of greedy NMS, given who may suppress whom.
+
+    Args:
+        suppressed_by: ``(R, V, V)`` bool; ``[r, b, a]`` is true iff ``a`` precedes ``b`` in score
+            order and would suppress ``b`` if ``a`` is kept.
+        valid: ``(R, V)`` bool, false for padding.
+
+    Returns:
+        ``(R, V)`` bool keep mask, identical to the sequential greedy pass.
+
+    A box is decided once every possible suppressor of it is decided: it is dropped as soon as one
+    of them is kept, and kept when none is kept. Each round settles at least the first undecided
+    box, and usually many, so the loop runs over dependency rounds (a handful in practice), never
+    over boxes.
+    """
+    keep = torch.zeros_like(valid)
+    undecided = valid.clone()
+    while True:
+        undecided &= ~(suppressed_by & keep[:, None, :]).any(dim=2)
+        blocked = (suppressed_by & undecided[:, None, :]).any(dim=2)
+        ready = undecided & ~blocked
+        keep |= ready
+        undecided &= ~ready
+        if not bool(undecided.any()):
+            return keep
+
+
+def _batch_index(boxes: Tensor, batch_ids: Tensor | None) -> Tensor:
+    if batch_ids is None:
+        return torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+    if batch_ids.shape != boxes.shape[:1]:
+        raise ValueError(f"batch_ids must have shape ({boxes.shape[0]},), got {tuple(batch_ids.shape)}")
+    return batch_ids.long()
+
+
+def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5,
+              batch_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Group boxes into greedy-NMS clusters (method spec §4.2).
+
+    Boxes are visited by score (descending, ties to the lower index). An unsuppressed box becomes a
+    leader; every later unsuppressed box with ``IoU(leader, box) >= iou_thr`` (note ``>=``) joins
+    its group. Boxes only group with boxes of the same batch id (block mask, exact float32 IoUs).
+
+    Args:
+        boxes: ``(V, 4)`` float boxes ``(x1, y1, x2, y2)``.
+        scores: ``(V,)`` float scores.
+        iou_thr: grouping threshold.
+        batch_ids: optional ``(V,)`` int image index of each box.
+
+    Returns:
+        ``group_id (V,)`` int64: groups numbered ``0..G-1`` in leader order, by (batch id, leader
+        score); ``rank_in_group (V,)`` int64: position in score order inside the group (0 = leader).
+    """
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.shape != boxes.shape[:1]:
+        raise ValueError(f"nms_match: expected boxes (V, 4) and scores (V,), got "
+                         f"{tuple(boxes.shape)} and {tuple(scores.shape)}")
+    num = boxes.shape[0]
+    device = boxes.device
+    if num == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty.clone()
+    boxes, scores = upcast(boxes).detach(), upcast(scores).detach()
+    batch = _batch_index(boxes, batch_ids)
+    order = _lexsort([(batch, False), (scores, True)])
+    batch_sorted = batch[order]
+    starts = _run_starts([batch_sorted])
+    pos = torch.arange(num, device=device) - starts  # position inside its image, score order
+    new_run = starts == torch.arange(num, device=device)
+    run = torch.cumsum(new_run.long(), 0) - 1
+    num_runs, width = int(run[-1]) + 1, int(pos.max()) + 1  # shapes of the padded layout
+
+    padded = boxes.new_zeros(num_runs, width, 4)
+    padded[run, pos] = boxes[order]
+    valid = torch.zeros(num_runs, width, dtype=torch.bool, device=device)
+    valid[run, pos] = True
+    # [r, b, a]: a comes before b in score order and IoU(a, b) >= thr (the IoU matrix is symmetric).
+    earlier = torch.ones(width, width, dtype=torch.bool, device=device).tril(diagonal=-1)
+    suppressed_by = (_pairwise_iou(padded) >= iou_thr) & earlier & valid[:, :, None] & valid[:, None, :]
+    keep = _greedy_keep(suppressed_by, valid)
+
+    # A dropped box joins the first kept box that suppresses it: the one that dropped it greedily.
+    joins = suppressed_by & keep[:, None, :]
+    col = torch.arange(width, device=device).expand(num_runs, width)
+    leader = torch.where(keep, col, joins.to(torch.uint8).argmax(dim=2))
+    group_of_leader = (torch.cumsum(keep.flatten().long(), 0) - 1).view(num_runs, width)
+    group_sorted = group_of_leader.gather(1, leader)[run, pos]
+
+    # Elements of `order` are in score order within their image, so a stable sort by group
+    # lists each group's members in score order.
+    group_id = torch.empty_like(group_sorted).scatter_(0, order, group_sorted)
+    by_group = order[torch.argsort(group_sorted, stable=True)]
+    rank_in_group = _rank_in_runs(by_group, [group_id])
+    return group_id, rank_in_group
+
+
+def score_hlr(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5, batch_ids: Tensor | None = None,
+              legacy_float_keys: bool = False) -> Tensor:
+    """Score hierarchical local rank of negatives (PISA §3.1; method spec §4.1 step 8).
+
+    Negatives are grouped by ``nms_match``; then, per batch id, all leaders are listed by score,
+    then all second members by score, and so on.
+
+    Args:
+        boxes: ``(V, 4)`` decoded boxes of the (valid) negatives.
+        scores: ``(V,)`` maximum foreground probability of each negative.
+        iou_thr: ``nms_match`` threshold.
+        batch_ids: optional ``(V,)`` image index; ranks are computed separately per image.
+        legacy_float_keys: sort by the reference's float32 key ``V_img - rank_in_group + score``
+            (descending, stable) instead of exact keys; differs only for near-ties (defect D9).
+
+    Returns:
+        ``(V,)`` int64 0-based Score-HLR rank within each batch id.
+    """
+    _, rank_in_group = nms_match(boxes, scores, iou_thr, batch_ids)
+    if boxes.shape[0] == 0:
+        return rank_in_group
+    scores = upcast(scores).detach()
+    batch = _batch_index(boxes, batch_ids)
+    if legacy_float_keys:
+        _, inverse, counts = torch.unique(batch, return_inverse=True, return_counts=True)
+        count = counts[inverse]  # number of (valid) negatives in the box's image
+        key = (count - rank_in_group).float() + scores.float()
+        order = _lexsort([(batch, False), (key, True)])
+    else:
+        order = _lexsort([(batch, False), (rank_in_group, False), (scores, True)])
+    return _rank_in_runs(order, [batch])
