@@ -7,6 +7,7 @@ logit columns, softmax heads ``C + 1`` with background last; boxes ``(x1, y1, x2
 
 from .focal import sigmoid_focal_loss, softmax_cross_entropy
 from .hlr import HLRRank, gt_group_ids, iou_hlr, nms_match, score_hlr
+from .pisa import carl_loss, isr_p
 from .regression import aligned_box_iou, l1_loss, smooth_l1_loss
 
 __all__ = [
@@ -20,4 +21,6 @@ __all__ = [
     "gt_group_ids",
     "nms_match",
     "score_hlr",
+    "isr_p",
+    "carl_loss",
 ]
