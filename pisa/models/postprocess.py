@@ -1,0 +1,154 @@
+"""Test-time post-processing of dense heads: top-k, decode, multi-class NMS, rescale (method spec §7.3).
+
+This is the reference RetinaNet test behaviour: per level keep the ``nms_pre`` anchors with the highest
+max-class sigmoid score, decode them clipped to the resized image, concatenate the levels, return to
+original-image coordinates, then per-class NMS on ``score > score_thr`` and keep the best ``max_per_img``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from pisa.models.box_coder import DeltaXYWHCoder
+
+
+def multiclass_nms(
+    boxes: Tensor, scores: Tensor, score_thr: float, iou_thr: float, max_num: int, labels: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class NMS over candidate boxes.
+
+    Args:
+        boxes: ``(N, 4)`` class-agnostic xyxy boxes, or ``(N, 4·C)`` class-specific boxes (R-CNN).
+        scores: ``(N, C)`` per-class scores with no background column; or ``(N,)`` when ``labels`` is given.
+        score_thr: candidates need ``score > score_thr``.
+        iou_thr: within a class, a box is suppressed by a higher-scoring one with ``IoU > iou_thr``.
+        max_num: keep at most this many detections (all when ``≤ 0``).
+        labels: optional int64 ``(N,)``: one class per box, for already flattened candidates.
+
+    Returns:
+        ``(D, 4)`` boxes, ``(D,)`` scores and int64 ``(D,)`` labels in ``0..C−1``, by decreasing score.
+    """
+    boxes, scores, labels = _flatten_candidates(boxes, scores, labels)
+    keep_mask = scores > score_thr
+    boxes, scores, labels = boxes[keep_mask], scores[keep_mask], labels[keep_mask]
+    # torchvision returns the kept indices sorted by decreasing score.
+    keep = batched_nms(boxes.float(), scores.float(), labels, iou_thr)
+    if max_num > 0:
+        keep = keep[:max_num]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def _flatten_candidates(boxes: Tensor, scores: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One row per (box, class) pair, box-major and class-minor as the reference orders them."""
+    if labels is not None:
+        if scores.dim() != 1 or boxes.shape[-1] != 4:
+            raise ValueError(f"multiclass_nms: with labels, give (N, 4) boxes and (N,) scores, "
+                             f"got {tuple(boxes.shape)} and {tuple(scores.shape)}")
+        return boxes, scores, labels.to(torch.int64)
+    num_boxes, num_classes = scores.shape
+    if boxes.shape[-1] == 4:
+        boxes = boxes[:, None, :].expand(num_boxes, num_classes, 4)
+    elif boxes.shape[-1] == 4 * num_classes:
+        boxes = boxes.reshape(num_boxes, num_classes, 4)
+    else:
+        raise ValueError(f"multiclass_nms: boxes must be (N, 4) or (N, 4·C) for C = {num_classes} classes, "
+                         f"got {tuple(boxes.shape)}")
+    class_ids = torch.arange(num_classes, device=scores.device).expand(num_boxes, num_classes)
+    return boxes.reshape(-1, 4), scores.reshape(-1), class_ids.reshape(-1)
+
+
+def dense_postprocess(
+    cls_scores: list[Tensor],
+    bbox_preds: list[Tensor],
+    anchors: list[Tensor],
+    coder: DeltaXYWHCoder,
+    img_shape: tuple[int, int],
+    scale_factor: tuple[float, float],
+    *,
+    nms_pre: int,
+    score_thr: float,
+    nms_iou: float,
+    max_per_img: int,
+) -> dict[str, Tensor]:
+    """Detections of ONE image from a sigmoid dense head (RetinaNet).
+
+    Args:
+        cls_scores: per level ``(H·W·A, C)`` logits (the sigmoid is applied here).
+        bbox_preds: per level ``(H·W·A, 4)`` deltas.
+        anchors: per level ``(H·W·A, 4)`` anchors.
+        coder: the head's delta coder.
+        img_shape: ``(h, w)`` of the resized image (before padding); boxes are clipped to it.
+        scale_factor: ``(sx, sy)`` with ``resized = original · s``.
+        nms_pre: per level, keep the anchors with the top ``nms_pre`` max-class scores (all when ``≤ 0``).
+        score_thr, nms_iou, max_per_img: see :func:`multiclass_nms`.
+
+    Returns:
+        ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64}`` in original-image coordinates.
+    """
+    return dense_postprocess_batch(
+        [scores[None] for scores in cls_scores], [preds[None] for preds in bbox_preds], anchors, coder,
+        [img_shape], [scale_factor], nms_pre=nms_pre, score_thr=score_thr, nms_iou=nms_iou,
+        max_per_img=max_per_img,
+    )[0]
+
+
+def dense_postprocess_batch(
+    cls_scores: list[Tensor],
+    bbox_preds: list[Tensor],
+    anchors: list[Tensor],
+    coder: DeltaXYWHCoder,
+    img_shapes: list[tuple[int, int]],
+    scale_factors: list[tuple[float, float]],
+    *,
+    nms_pre: int,
+    score_thr: float,
+    nms_iou: float,
+    max_per_img: int,
+) -> list[dict[str, Tensor]]:
+    """:func:`dense_postprocess` for a batch: per level ``(B, H·W·A, C)`` logits and ``(B, H·W·A, 4)``
+    deltas, anchors shared by the batch, and one ``img_shape`` / ``scale_factor`` per image.
+
+    Top-k, decoding and rescaling run batched; NMS runs per image. Returns one dict per image.
+    """
+    level_boxes, level_scores = [], []
+    for logits, deltas, level_anchors in zip(cls_scores, bbox_preds, anchors):
+        scores, deltas, level_anchors = _top_candidates(logits.float().sigmoid(), deltas, level_anchors, nms_pre)
+        level_boxes.append(coder.decode(level_anchors, deltas))
+        level_scores.append(scores)
+    boxes, scores = torch.cat(level_boxes, dim=1), torch.cat(level_scores, dim=1)
+    boxes = _clip_per_image(boxes, img_shapes)
+    # The reference rescales before NMS; IoU is invariant to per-axis scaling, so the order only
+    # matters to rounding, and following it keeps detections identical.
+    divisors = boxes.new_tensor([[sx, sy, sx, sy] for sx, sy in scale_factors])
+    boxes = boxes / divisors[:, None, :]
+    detections = []
+    for image_boxes, image_scores in zip(boxes, scores):
+        kept_boxes, kept_scores, kept_labels = multiclass_nms(image_boxes, image_scores, score_thr, nms_iou,
+                                                              max_per_img)
+        detections.append({"boxes": kept_boxes, "scores": kept_scores, "labels": kept_labels})
+    return detections
+
+
+def _top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep each image's ``nms_pre`` rows with the highest max-class score.
+
+    ``scores`` ``(B, N, C)``, ``deltas`` ``(B, N, 4)``, ``anchors`` ``(N, 4)`` → the same with ``N``
+    reduced to ``min(N, nms_pre)``; anchors become ``(B, k, 4)`` (or stay ``(N, 4)`` when all are kept).
+    """
+    if nms_pre <= 0 or scores.shape[1] <= nms_pre:
+        return scores, deltas, anchors
+    top = scores.max(dim=2).values.topk(nms_pre, dim=1).indices  # (B, k)
+    return _gather_rows(scores, top), _gather_rows(deltas, top), anchors[top]
+
+
+def _gather_rows(values: Tensor, rows: Tensor) -> Tensor:
+    """``values`` ``(B, N, D)`` at ``rows`` ``(B, k)`` → ``(B, k, D)``."""
+    return values.gather(1, rows[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def _clip_per_image(boxes: Tensor, img_shapes: list[tuple[int, int]]) -> Tensor:
+    """Clamp ``(B, K, 4)`` boxes to each image's ``[0, w] × [0, h]`` (as ``decode(max_shape=...)`` does)."""
+    bounds = boxes.new_tensor([[w, h, w, h] for h, w in img_shapes])[:, None, :]
+    return torch.minimum(boxes.clamp(min=0), bounds)
