@@ -160,17 +160,22 @@ RETINANET = Section({
     }, "inference post-processing"),
 }, "RetinaNet")
 
+_DATASET_OPTIONS = {
+    "filter_empty": _flag(False, "training only: drop images without usable annotations"),
+    "with_masks": _flag(False, "decode instance masks"),
+    "on_error": _choice("raise", ("raise", "skip"), "on an unreadable image or a bad annotation"),
+}
 _DATASETS = {
     "coco": Section({
         "ann_file": Key(("str",), REQUIRED, "COCO instances JSON", path="file"),
         "img_dir": Key(("str",), REQUIRED, "directory of the images", path="dir"),
-        "filter_empty": _flag(False, "drop images without usable annotations"),
-        "on_error": _choice("raise", ("raise", "skip"), "unreadable image or bad annotation"),
+        **_DATASET_OPTIONS,
     }, "COCO-format dataset"),
     "synthetic": Section({
-        "split": _choice("train", ("train", "val"), "which split of the generated set"),
-        "root": Key(("null", "str"), None, "directory for the generated files (null: temporary)"),
-    }, "generated shapes, for smoke tests"),
+        "split": _choice("train", ("train", "val"), "which split of the embedded demo data"),
+        "root": Key(("null", "str"), None, "folder the demo data is written to (null: default cache)"),
+        **_DATASET_OPTIONS,
+    }, "embedded demo data (generated once, COCO format)"),
 }
 
 SCHEMA = Section({

@@ -123,7 +123,8 @@ def test_defaults_fill_every_optional_key():
                             "clip_grad": None}
     assert cfg["pisa"] is None and cfg["load_from"] is None
     assert cfg["model"]["backbone"]["pretrained"] is None  # never download unless asked
-    assert cfg["data"]["train"] == {"type": "synthetic", "split": "train", "root": None}
+    assert cfg["data"]["train"] == {"type": "synthetic", "split": "train", "root": None,
+                                    "filter_empty": False, "with_masks": False, "on_error": "raise"}
     assert cfg["train"]["amp"] is None and cfg["schedule"]["max_iters"] is None
     # An empty optional block switches the feature on with its defaults.
     pisa = validate(with_key("pisa", {"isr_p": {}}))["pisa"]
@@ -276,7 +277,8 @@ def test_set_null_and_later_items_win():
 
 def test_set_type_switches_a_dataset_variant(tmp_path):
     cfg = apply_overrides(coco_cfg(tmp_path), ["data.train.type=synthetic"])
-    assert validate(cfg)["data"]["train"] == {"type": "synthetic", "split": "train", "root": None}
+    assert validate(cfg)["data"]["train"]["type"] == "synthetic"
+    assert "ann_file" not in validate(cfg)["data"]["train"]
 
 
 @pytest.mark.parametrize("item, expected", [
