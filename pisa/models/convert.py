@@ -1,0 +1,207 @@
+"""Read mmdetection v2/3.x checkpoints safely and rename their state dicts to pisa's module names.
+
+Key mapping for RetinaNet (method doc §7.4; pisa names on the right):
+
+====================================================  ============================================
+``backbone.*``                                        ``backbone.*`` (torchvision names, unchanged)
+``neck.lateral_convs.{i}.conv.{weight,bias}``         ``neck.lateral_convs.{i}.{weight,bias}``
+``neck.fpn_convs.{0,1,2}.conv.*``                     ``neck.output_convs.{0,1,2}.*``
+``neck.fpn_convs.3.conv.*`` / ``neck.fpn_convs.4.conv.*``  ``neck.p6_conv.*`` / ``neck.p7_conv.*``
+``bbox_head.{cls,reg}_convs.{i}.conv.*``              ``head.{cls,reg}_convs.{i}.*``
+``bbox_head.retina_cls.*`` / ``bbox_head.retina_reg.*``   ``head.cls_logits.*`` / ``head.bbox_reg.*``
+====================================================  ============================================
+
+BatchNorm ``num_batches_tracked`` buffers are kept (pisa's BatchNorm layers have them too).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["is_mmdet_checkpoint", "read_mmdet_checkpoint", "convert_mmdet_state_dict", "mmdet_class_names",
+           "convert_mmdet_checkpoint", "infer_model_cfg", "RENAME_RULES"]
+
+MMDET_PREFIXES = ("backbone.", "neck.", "bbox_head.", "rpn_head.", "roi_head.")
+
+# (pattern, replacement) per model type; the first matching rule renames a key, no match = unexpected.
+RENAME_RULES: dict[str, list[tuple[str, str]]] = {
+    "retinanet": [
+        (r"^backbone\.", "backbone."),
+        (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"neck.lateral_convs.\1."),
+        (r"^neck\.fpn_convs\.([012])\.conv\.", r"neck.output_convs.\1."),
+        (r"^neck\.fpn_convs\.3\.conv\.", "neck.p6_conv."),
+        (r"^neck\.fpn_convs\.4\.conv\.", "neck.p7_conv."),
+        (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.", r"head.\1_convs.\2."),
+        (r"^bbox_head\.retina_cls\.", "head.cls_logits."),
+        (r"^bbox_head\.retina_reg\.", "head.bbox_reg."),
+    ],
+}
+
+
+def is_mmdet_checkpoint(obj: Any) -> bool:
+    """True for a dict holding a ``state_dict`` whose keys are in mmdetection layout (``backbone.``, ...)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        return False
+    keys = list(obj["state_dict"])
+    return bool(keys) and all(isinstance(k, str) and k.startswith(MMDET_PREFIXES) for k in keys)
+
+
+def _metadata_globals() -> list:
+    """The plain metadata types mmdetection files carry in ``meta``: numpy scalars, dtypes, arrays.
+
+    Both numpy 2 (``numpy._core``) and numpy 1 (``numpy.core``) module paths are accepted.
+    """
+    from numpy._core import multiarray
+
+    dtype_classes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                                  np.uint16, np.uint32, np.uint64, np.float16, np.float32,
+                                                  np.float64)]
+    return [np.dtype, np.ndarray, multiarray.scalar, multiarray._reconstruct,
+            (multiarray.scalar, "numpy.core.multiarray.scalar"),
+            (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), *dtype_classes]
+
+
+def read_mmdet_checkpoint(path: str, trust: bool = False) -> dict:
+    """Load a checkpoint file onto the CPU without executing code from it.
+
+    Only tensors, containers and the numpy metadata types of ``_metadata_globals`` are unpickled.
+    ``trust=True`` allows full unpickling, which can run arbitrary code: use it only for files from a
+    source you trust. Raises ``ValueError`` naming the file when it contains anything else.
+    """
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_metadata_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to unpickle objects other than tensors and plain metadata "
+            f"({_unsafe_globals(path, err)}). If you trust where this file comes from, rerun with "
+            "--trust-checkpoint (full unpickling can execute code stored in the file)") from err
+
+
+def _unsafe_globals(path: str, err: Exception) -> str:
+    """Name the offending globals for the error message (zip-format files), else torch's own reason."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) format: fall back to the unpickler's message
+        names = []
+    if names:
+        return "found " + ", ".join(names)
+    lines = [ln.strip() for ln in str(err).splitlines() if "global" in ln.lower()]
+    return lines[0] if lines else type(err).__name__
+
+
+def mmdet_class_names(checkpoint: dict) -> list[str] | None:
+    """Class names stored in ``meta`` (v2: ``CLASSES``; 3.x: ``dataset_meta.classes``), or ``None``."""
+    meta = checkpoint.get("meta") or {}
+    names = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
+    return None if names is None else [str(n) for n in names]
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key, count=1)
+        if n:
+            return new
+    return None
+
+
+def expected_state_shapes(model_cfg: dict) -> dict[str, torch.Size]:
+    """Key -> shape of a pisa model built from ``model_cfg`` on the meta device (no memory, no weights)."""
+    from pisa.models import build_model  # deferred: pisa.models imports this module's siblings
+
+    cfg = copy.deepcopy(model_cfg)
+    cfg["backbone"]["pretrained"] = None
+    with torch.device("meta"):
+        model = build_model({"model": cfg})
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def convert_mmdet_state_dict(state_dict: dict[str, Tensor], model_cfg: dict) -> dict[str, Tensor]:
+    """Rename every key of an mmdetection state dict to the pisa model described by ``model_cfg``.
+
+    ``model_cfg`` is the ``model:`` section of a pisa config. Raises ``ValueError`` listing every key
+    that has no rename rule, is missing, is unexpected or has the wrong shape; nothing loads partially.
+    """
+    model_type = model_cfg["type"]
+    if model_type not in RENAME_RULES:
+        raise ValueError(f"no mmdetection key mapping for model type {model_type!r}; "
+                         f"valid names: {sorted(RENAME_RULES)}")
+    converted, unmapped = {}, []
+    for key, value in state_dict.items():
+        new_key = _rename(key, RENAME_RULES[model_type])
+        if new_key is None:
+            unmapped.append(key)
+        else:
+            converted[new_key] = value
+    expected = expected_state_shapes(model_cfg)
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = sorted(f"{k}: {tuple(converted[k].shape)} != {tuple(expected[k])}"
+                   for k in set(expected) & set(converted) if converted[k].shape != expected[k])
+    if unmapped or missing or unexpected or wrong:
+        parts = [f"{name} ({len(keys)}): {keys}" for name, keys in
+                 (("unmapped", unmapped), ("missing", missing), ("unexpected", unexpected),
+                  ("wrong shape", wrong)) if keys]
+        raise ValueError(f"checkpoint does not match a pisa {model_type} with backbone "
+                         f"{model_cfg['backbone']['type']!r}: " + "; ".join(parts))
+    return converted
+
+
+def infer_model_cfg(state_dict: dict[str, Tensor], base_model_cfg: dict) -> dict:
+    """Adapt ``base_model_cfg`` (a RetinaNet ``model:`` section) to the sizes found in a state dict.
+
+    Infers the backbone type from the block counts and conv groups, ``num_classes`` from the classifier,
+    and the neck/head widths and tower depth.
+    """
+    cfg = copy.deepcopy(base_model_cfg)
+    if "bbox_head.retina_cls.weight" not in state_dict:
+        raise ValueError("only RetinaNet checkpoints (bbox_head.retina_cls.*) can be converted so far")
+    blocks = {s: len({k.split(".")[2] for k in state_dict if k.startswith(f"backbone.layer{s}.")})
+              for s in (1, 2, 3, 4)}
+    counts = tuple(blocks.values())
+    if "backbone.layer1.0.conv3.weight" in state_dict:  # Bottleneck blocks
+        depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}.get(counts)
+    else:
+        depth = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}.get(counts)
+    if depth is None:
+        raise ValueError(f"unsupported ResNet block counts {counts} per stage")
+    conv2 = state_dict["backbone.layer1.0.conv2.weight"]
+    grouped = conv2.shape[1] != conv2.shape[0]  # ResNeXt: [m, m / groups, 3, 3]
+    cfg["backbone"]["type"] = "resnext101_32x4d" if grouped else f"resnet{depth}"
+    cls_w = state_dict["bbox_head.retina_cls.weight"]
+    num_anchors = state_dict["bbox_head.retina_reg.weight"].shape[0] // 4
+    cfg["num_classes"] = cls_w.shape[0] // num_anchors
+    cfg["neck"]["out_channels"] = state_dict["neck.lateral_convs.0.conv.weight"].shape[0]
+    cfg["head"]["feat_channels"] = cls_w.shape[1]
+    tower = r"bbox_head\.cls_convs\.\d+\.conv\.weight$"
+    cfg["head"]["stacked_convs"] = sum(1 for k in state_dict if re.match(tower, k))
+    return cfg
+
+
+def convert_mmdet_checkpoint(checkpoint: dict, model_cfg: dict, source: str = "") -> dict:
+    """An mmdetection checkpoint dict -> a pisa checkpoint ``{"model", "meta", "config": None}``."""
+    if not is_mmdet_checkpoint(checkpoint):
+        raise ValueError(f"{source or 'checkpoint'}: not an mmdetection checkpoint "
+                         "(expected a 'state_dict' with backbone./neck./bbox_head. keys)")
+    state = convert_mmdet_state_dict(checkpoint["state_dict"], model_cfg)
+    mm_meta = checkpoint.get("meta") or {}
+    meta = {"source": "mmdetection", "converted_from": source, "model_type": model_cfg["type"],
+            "backbone": model_cfg["backbone"]["type"], "num_classes": model_cfg["num_classes"]}
+    classes = mmdet_class_names(checkpoint)
+    if classes is not None:
+        meta["class_names"] = classes
+    for key in ("mmdet_version", "epoch", "iter"):
+        if isinstance(mm_meta.get(key), (str, int)):
+            meta[key] = mm_meta[key]
+    if isinstance(mm_meta.get("config"), str):
+        meta["mmdet_config"] = mm_meta["config"]  # authoritative settings of the published files (§5.4)
+    return {"model": {k: v.contiguous() for k, v in state.items()}, "meta": meta, "config": None}
