@@ -121,3 +121,11 @@ def test_shape_errors():
         carl_loss(logits, labels, deltas, targets, num_classes=2, avg_factor=3, sigmoid=True)
     with pytest.raises(ValueError, match="bbox_pred"):
         carl_loss(logits, labels, deltas[:, :3], targets, num_classes=2, avg_factor=3, sigmoid=False)
+
+
+def test_autocast_gives_fp32_results():
+    logits, labels, deltas, targets = t4_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = carl_loss(logits, labels, deltas, targets, num_classes=2, avg_factor=3, sigmoid=False)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.tensor(0.461822), atol=ATOL, rtol=0)

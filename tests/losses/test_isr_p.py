@@ -207,3 +207,21 @@ def test_bad_inputs_raise():
         isr_p(**dict(inputs, bbox_pred=torch.zeros(90, 8)), num_classes=3, decode=delta_decode)
     with pytest.raises(ValueError, match="cls_loss"):
         isr_p(**inputs, num_classes=3, decode=delta_decode, cls_loss="focal")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    inputs = random_batch(5, 3)
+    cpu = isr_p(**inputs, num_classes=3, decode=delta_decode)
+    gpu = isr_p(**{k: v.cuda() for k, v in inputs.items()}, num_classes=3, decode=delta_decode)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-6)
+
+
+def test_autocast_gives_fp32_results():
+    inputs = random_batch(6, 3)
+    ref = isr_p(**inputs, num_classes=3, decode=delta_decode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = isr_p(**inputs, num_classes=3, decode=delta_decode)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-6)

@@ -148,3 +148,13 @@ def test_low_precision_and_empty():
     group, rank = nms_match(torch.zeros(0, 4), torch.zeros(0))
     assert group.numel() == 0 and rank.numel() == 0
     assert score_hlr(torch.zeros(0, 4), torch.zeros(0)).numel() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    boxes, scores, batch = _random_case(11, 300, num_batches=4)
+    cpu = nms_match(boxes, scores, 0.5, batch_ids=batch)
+    gpu = nms_match(boxes.cuda(), scores.cuda(), 0.5, batch_ids=batch.cuda())
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
+    ranks = score_hlr(boxes.cuda(), scores.cuda(), 0.5, batch_ids=batch.cuda())
+    assert torch.equal(ranks.cpu(), score_hlr(boxes, scores, 0.5, batch_ids=batch))
