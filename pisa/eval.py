@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint on the validation set: ``python -m pisa.eval CONFIG CHECKPOINT [--set k=v ...]
+[--out DIR] [--trust-checkpoint] [--device cpu|cuda]``.
+
+CHECKPOINT is a pisa checkpoint (``model`` key) or an mmdetection one (converted on the fly). Works
+under ``torchrun`` too: every process scores its share of the images and rank 0 reports. Writes
+``results_bbox.json`` (COCO results format) and ``metrics.json`` into ``--out``, by default the
+folder ``eval_<checkpoint name>`` next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from pisa.config import add_config_args
+from pisa.engine import dist
+from pisa.engine.checkpoint import CheckpointError, load_model_weights
+from pisa.engine.inference import evaluate
+from pisa.engine.trainer import configure_determinism, seed_everything
+from pisa.train import RunParts, add_device_arg, build_val_parts, resolve_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pisa.eval", description="Evaluate a checkpoint (COCO AP).")
+    parser.add_argument("config", help="experiment YAML file (model and data.val are used)")
+    parser.add_argument("checkpoint", help="pisa or mmdetection checkpoint (.pth)")
+    add_config_args(parser)
+    parser.add_argument("--out", help="folder for results and metrics JSON (default: next to the checkpoint)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow checkpoints that need full unpickling (can execute code: trusted files only)")
+    add_device_arg(parser)
+    return parser
+
+
+def build_eval_parts(cfg: dict, info: dist.DistInfo) -> RunParts:
+    """Model (without ImageNet weights: the checkpoint supplies every weight), val loader, evaluator."""
+    from pisa.models import build_model
+
+    model_cfg = copy.deepcopy(cfg)
+    model_cfg["model"]["backbone"]["pretrained"] = None
+    val_loader, evaluator = build_val_parts(cfg, info)
+    return RunParts(build_model(model_cfg), None, val_loader, evaluator)
+
+
+def load_weights_strict(model: nn.Module, path: str, model_cfg: dict, trust: bool) -> None:
+    """Every model tensor must come from the checkpoint, with nothing left over."""
+    state = load_model_weights(path, model_cfg, trust=trust)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not fit the configured model: {len(result.missing_keys)} missing "
+            f"{result.missing_keys[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}; "
+            "check that model.* (type, backbone, num_classes) matches the checkpoint")
+
+
+def default_out_dir(checkpoint: str) -> Path:
+    path = Path(checkpoint)
+    return path.parent / f"eval_{path.stem}"
+
+
+def main(argv: Sequence[str] | None = None, build: Any = build_eval_parts) -> dict[str, Any]:
+    """CLI entry; returns the metric dict (``bbox_AP``, ..., ``per_class``) on every rank.
+
+    ``build(cfg, dist_info) -> RunParts`` makes the model, val loader and evaluator.
+    """
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args, check_paths=("data.val",))  # training data need not be present
+    info = dist.init_distributed(args.device)
+    try:
+        configure_determinism(cfg["train"]["deterministic"])
+        seed_everything(cfg["train"]["seed"])
+        parts = build(cfg, info)
+        load_weights_strict(parts.model, args.checkpoint, cfg["model"], args.trust_checkpoint)
+        out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint)
+        metrics = evaluate(parts.model.to(info.device), parts.val_loader, parts.evaluator,
+                           amp=cfg["train"]["amp"], out_dir=out_dir)
+        if info.is_main:
+            summary = getattr(parts.evaluator, "format_summary", None)
+            print(summary(metrics) if callable(summary) else metrics)
+            print(f"results and metrics written to {out_dir}")
+        return metrics
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
