@@ -176,7 +176,8 @@ def _to_mmdet_name(key: str) -> str:
             key = dst + key[len(src):]
             break
     key = re.sub(r"^head\.(cls|reg)_convs\.", r"bbox_head.\1_convs.", key)
-    return re.sub(r"^(neck\.(lateral|fpn)_convs\.\d+|bbox_head\.(cls|reg)_convs\.\d+)\.(weight|bias)$", r"\1.conv.\4", key)
+    conv_module = r"^(neck\.(lateral|fpn)_convs\.\d+|bbox_head\.(cls|reg)_convs\.\d+)\.(weight|bias)$"
+    return re.sub(conv_module, r"\1.conv.\4", key)  # mmdetection wraps these convs in a ConvModule
 
 
 def test_script_round_trip(tmp_path, capsys):

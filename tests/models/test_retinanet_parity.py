@@ -45,10 +45,14 @@ class P6P7WithoutReLU(LastLevelP6P7):
 
 def pisa_to_torchvision_name(name: str) -> str:
     """pisa state-dict key -> torchvision RetinaNet key (conv wrappers of torchvision add a ``.0``)."""
-    rules = [("backbone.", "backbone.body."), ("neck.lateral_convs.", "backbone.fpn.inner_blocks."),
-             ("neck.output_convs.", "backbone.fpn.layer_blocks."), ("neck.p6_conv.", "backbone.fpn.extra_blocks.p6."),
-             ("neck.p7_conv.", "backbone.fpn.extra_blocks.p7."), ("head.cls_convs.", "head.classification_head.conv."),
-             ("head.reg_convs.", "head.regression_head.conv."), ("head.cls_logits.", "head.classification_head.cls_logits."),
+    rules = [("backbone.", "backbone.body."),
+             ("neck.lateral_convs.", "backbone.fpn.inner_blocks."),
+             ("neck.output_convs.", "backbone.fpn.layer_blocks."),
+             ("neck.p6_conv.", "backbone.fpn.extra_blocks.p6."),
+             ("neck.p7_conv.", "backbone.fpn.extra_blocks.p7."),
+             ("head.cls_convs.", "head.classification_head.conv."),
+             ("head.reg_convs.", "head.regression_head.conv."),
+             ("head.cls_logits.", "head.classification_head.cls_logits."),
              ("head.bbox_reg.", "head.regression_head.bbox_reg.")]
     for src, dst in rules:
         if name.startswith(src):
