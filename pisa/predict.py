@@ -1,0 +1,152 @@
+"""Run a detector on image files: ``python -m pisa.predict CONFIG CHECKPOINT IMAGES...|DIR``.
+
+Writes ``predictions.json`` (COCO results: ``image_id``, ``file_name``, ``category_id``, ``bbox`` as
+``[x, y, w, h]``, ``score``) and, per image, a copy with the detections drawn, into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.utils import draw_bounding_boxes
+
+from pisa.config import ConfigError, add_config_args, load_config
+from pisa.data import transforms_from_config
+from pisa.data.batching import pad_images
+from pisa.data.transforms import to_rgb_image
+from pisa.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from pisa.models import build_model
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    """Expand directories (sorted, non-recursive) and check every file exists."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"input {item} is neither an image file nor a directory")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {list(inputs)}")
+    return files
+
+
+def class_info(checkpoint: str, num_classes: int, trust: bool) -> tuple[list[str], list[int]]:
+    """Class names and COCO category ids stored with the checkpoint, else generic ones."""
+    meta: dict[str, Any] = {}
+    try:
+        obj = load_checkpoint(checkpoint, trust=trust)
+        meta = obj.get("meta") or {}
+    except CheckpointError:
+        pass  # an mmdetection file with metadata objects: the weights loader reports real problems
+    names = list(meta.get("class_names") or meta.get("CLASSES") or [])
+    cat_ids = list(meta.get("cat_ids") or [])
+    if len(names) != num_classes:
+        names = [f"class_{i}" for i in range(num_classes)]
+    if len(cat_ids) != num_classes:
+        cat_ids = list(range(1, num_classes + 1))
+    return names, cat_ids
+
+
+def load_image(path: Path, transforms) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read ``path`` as RGB and apply the test pipeline; the target carries only metas."""
+    try:
+        with Image.open(path) as img:
+            img = to_rgb_image(img)
+            img.load()
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    empty = torch.zeros((0, 4), dtype=torch.float32)
+    target = {"boxes": empty, "labels": torch.zeros((0,), dtype=torch.int64), "ignore_boxes": empty,
+              "ori_shape": (img.height, img.width), "img_shape": (img.height, img.width),
+              "scale_factor": (1.0, 1.0), "flip": False}
+    return transforms(img, target)
+
+
+def draw(path: Path, det: dict[str, torch.Tensor], names: Sequence[str], out: Path) -> None:
+    """Save a copy of ``path`` with boxes, class names and scores drawn."""
+    with Image.open(path) as img:
+        pixels = torch.from_numpy(np.asarray(to_rgb_image(img)).copy()).permute(2, 0, 1)
+    drawn = pixels
+    if len(det["boxes"]):
+        labels = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"], det["scores"])]
+        drawn = draw_bounding_boxes(pixels, det["boxes"], labels=labels, width=2, colors="red")
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)
+
+
+def to_coco(image_id: int, path: Path, det: dict[str, torch.Tensor], cat_ids: Sequence[int]) -> list[dict]:
+    rows = []
+    for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        x1, y1, x2, y2 = box
+        rows.append({"image_id": image_id, "file_name": path.name, "category_id": int(cat_ids[label]),
+                     "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                     "score": round(score, 4)})
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pisa.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("checkpoint")
+    parser.add_argument("inputs", nargs="+", help="image files and/or directories of images")
+    parser.add_argument("--out", default="predictions", help="output directory (default: predictions)")
+    parser.add_argument("--score-thr", type=float, default=0.3, help="least score to keep (default 0.3)")
+    parser.add_argument("--no-draw", action="store_true", help="only write the results JSON")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow full unpickling of the checkpoint (only for files you trust)")
+    add_config_args(parser)
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def predict(args: argparse.Namespace) -> list[dict]:
+    cfg = load_config(args.config, args.overrides)
+    files = find_images(args.inputs)
+    model = build_model(cfg)
+    model.load_state_dict(load_model_weights(args.checkpoint, cfg["model"], trust=args.trust_checkpoint))
+    model.to(args.device).eval()
+    names, cat_ids = class_info(args.checkpoint, cfg["model"]["num_classes"], args.trust_checkpoint)
+    transforms = transforms_from_config(cfg["data"], train=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for image_id, path in enumerate(files):
+        image, target = load_image(path, transforms)
+        images = pad_images([image], cfg["data"]["pad_divisor"]).to(args.device)
+        det = {k: v.cpu() for k, v in model(images, [target])[0].items()}
+        keep = det["scores"] >= args.score_thr
+        det = {k: v[keep] for k, v in det.items()}
+        results += to_coco(image_id, path, det, cat_ids)
+        if not args.no_draw:
+            draw(path, det, names, out / f"{path.stem}_pred.jpg")
+    tmp = out / "predictions.json.tmp"
+    tmp.write_text(json.dumps(results))
+    os.replace(tmp, out / "predictions.json")
+    print(f"{len(results)} detections on {len(files)} images -> {out / 'predictions.json'}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    try:
+        return predict(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
