@@ -9,6 +9,7 @@ weights, optimizer/scheduler/scaler state, RNG states of every rank and next bat
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -42,9 +43,13 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_determinism(enabled: bool) -> None:
-    """Deterministic kernels where they exist (warn, not fail, where they do not); cuDNN too."""
+    """Deterministic kernels where they exist (warn, not fail, where they do not); cuDNN too.
+
+    Call it before the first CUDA matmul: cuBLAS reads its workspace setting once.
+    """
     if not enabled:
         return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required for deterministic cuBLAS
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -133,6 +138,11 @@ class Trainer:
         return {"epoch": self.state.epoch, "iter": self.state.iter, "metrics": self.metrics,
                 "best": self.state.best, "skipped": self.state.skipped, "work_dir": str(self.work_dir)}
 
+    @property
+    def _epoch_of_last_iter(self) -> int:
+        """1-based epoch of the latest iteration, for logs (at an epoch end: the epoch just done)."""
+        return self.state.epoch + (1 if self.state.iter_in_epoch else 0)
+
     # ------------------------------------------------------------------------------------------
     # start and resume
 
@@ -185,6 +195,7 @@ class Trainer:
         else:
             console(f"{path} holds RNG states of {len(rng)} process(es), this run has "
                     f"{self.dist.world_size}: random streams restart from the seed")
+        self._saved_at = self.state.iter  # that state is on disk already
         console(f"resumed from {path}: epoch {self.state.epoch}, iteration {self.state.iter}")
 
     def _realign_position(self, old_ipe: int, path: Path) -> None:
@@ -310,7 +321,7 @@ class Trainer:
     def _log_train(self, bar) -> None:
         means = dist.all_reduce_mean(self._window.means(), self.device)
         self._window.reset()
-        record = {"mode": "train", "epoch": self.state.epoch + 1, "iter": self.state.iter,
+        record = {"mode": "train", "epoch": self._epoch_of_last_iter, "iter": self.state.iter,
                   "lr": self._step_lr, **means,
                   "max_mem_mb": memory_mb(self.device), "skipped": self.state.skipped}
         self.log.write(record)
@@ -341,7 +352,7 @@ class Trainer:
                                 out_dir=self.work_dir / "eval")
         self._evaluated_at = self.state.iter
         scalars = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
-        self.log.write({"mode": "val", "epoch": self.state.epoch, "iter": self.state.iter, **scalars})
+        self.log.write({"mode": "val", "epoch": self._epoch_of_last_iter, "iter": self.state.iter, **scalars})
         summary = getattr(self.evaluator, "format_summary", None)
         console(summary(self.metrics) if callable(summary) else f"eval: {scalars}")
         name = self.tcfg.get("best_metric")
@@ -349,7 +360,7 @@ class Trainer:
         if value is None or not math.isfinite(value):
             return False
         if self.state.best is None or value > self.state.best["value"]:
-            self.state.best = {"metric": name, "value": float(value), "epoch": self.state.epoch,
+            self.state.best = {"metric": name, "value": float(value), "epoch": self._epoch_of_last_iter,
                                "iter": self.state.iter}
             return True
         return False
