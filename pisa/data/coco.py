@@ -14,16 +14,20 @@ Conventions (the reference's, see docs/data.md): category ids, in ascending orde
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
+from math import isfinite
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pisa.data import errors as E
@@ -161,8 +165,12 @@ def _parse_images(images: list, path: str, policy: _ErrorPolicy) -> tuple[list, 
     records: list[tuple[int, str, int, int]] = []
     row_of: dict[int, int] = {}
     for img in images:
-        ok = isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)
-        ok = ok and all(_is_int(img.get(k)) and img[k] > 0 for k in ("width", "height"))
+        try:
+            ok = (type(img["id"]) is int and type(img["file_name"]) is str
+                  and type(img["width"]) is int and img["width"] > 0
+                  and type(img["height"]) is int and img["height"] > 0)
+        except (KeyError, TypeError):
+            ok = False
         if not ok:
             image_id = img.get("id") if isinstance(img, dict) else None
             policy.fail(E.ImageRecordError(
@@ -200,6 +208,31 @@ def _bbox_problem(bbox: Any) -> str | None:
     return None
 
 
+_NUMBER_TYPES = (int, float)
+
+
+def _looks_valid(ann: Any, row_of: dict, label_of: dict, seen_ids: set, with_masks: bool) -> bool:
+    """Fast check that an annotation is usable; False sends it to :func:`_annotation_problem`.
+
+    Inlined type tests rather than helpers: this runs once per annotation (860k for COCO train).
+    """
+    try:
+        bbox = ann["bbox"]
+        return (type(ann["image_id"]) is int and ann["image_id"] in row_of
+                and type(ann["category_id"]) is int and ann["category_id"] in label_of
+                and type(bbox) is list and len(bbox) == 4
+                and type(bbox[0]) in _NUMBER_TYPES and type(bbox[1]) in _NUMBER_TYPES
+                and type(bbox[2]) in _NUMBER_TYPES and type(bbox[3]) in _NUMBER_TYPES
+                and isfinite(bbox[0]) and isfinite(bbox[1]) and isfinite(bbox[2])
+                and isfinite(bbox[3])
+                and type(ann.get("area", 0.0)) in _NUMBER_TYPES
+                and ann.get("id") not in seen_ids
+                and (not with_masks or ann.get("iscrowd") or type(ann.get("segmentation")) in
+                     (list, dict)))
+    except (KeyError, TypeError):  # not a dict, missing keys, unhashable ids
+        return False
+
+
 def _annotation_problem(ann: Any, path: str, records: list, row_of: dict, label_of: dict,
                         seen_ids: set, with_masks: bool) -> E.AnnotationError | None:
     """The specific error for a malformed or dangling annotation, or None when it is usable."""
@@ -222,6 +255,9 @@ def _annotation_problem(ann: Any, path: str, records: list, row_of: dict, label_
     problem = _bbox_problem(ann.get("bbox"))
     if problem:
         return E.MalformedBoxError(f"{where} {problem}. Fix the annotation, {_SKIP_HINT}.", **kw)
+    if not isinstance(ann.get("area", 0.0), (int, float)) or isinstance(ann.get("area"), bool):
+        return E.AnnotationError(f"{where} has a non-numeric 'area' {ann.get('area')!r}. Fix it, "
+                                 f"{_SKIP_HINT}.", **kw)
     if ann_id is not None and not isinstance(ann_id, (int, str)):
         return E.AnnotationError(f"{where} has an id that is neither an integer nor a string. Fix "
                                  f"it, {_SKIP_HINT}.", **kw)
@@ -238,59 +274,84 @@ def _annotation_problem(ann: Any, path: str, records: list, row_of: dict, label_
 def build_coco_index(ann_file: str, *, with_masks: bool = False, on_error: str = "raise") -> CocoIndex:
     """Read and validate ``ann_file`` into a :class:`CocoIndex` (see module docstring for the rules)."""
     policy = _ErrorPolicy(on_error)
-    data = read_annotation_json(ann_file)
-    cat_ids, class_names = _parse_categories(data["categories"], ann_file)
-    label_of = {c: k for k, c in enumerate(cat_ids)}
-    records, row_of = _parse_images(data["images"], ann_file, policy)
-    rows, labels, bboxes, crowd, areas, segms = [], [], [], [], [], []
-    seen_ids: set = set()
-    has_annotation = np.zeros(len(records), dtype=bool)
-    for ann in data.get("annotations", []):
-        err = _annotation_problem(ann, ann_file, records, row_of, label_of, seen_ids, with_masks)
-        if err is not None:
-            policy.fail(err)
-            continue
-        seen_ids.add(ann.get("id"))
-        row = row_of[ann["image_id"]]
-        has_annotation[row] = True
-        if ann.get("ignore", False):
-            continue  # the reference leaves out annotations flagged "ignore"
-        x, y, w, h = ann["bbox"]
-        rows.append(row)
-        labels.append(label_of[ann["category_id"]])
-        bboxes.append((x, y, x + w, y + h))
-        crowd.append(bool(ann.get("iscrowd", 0)))
-        areas.append(ann.get("area", w * h))
-        if with_masks:
-            segms.append(json.dumps(ann.get("segmentation"), separators=(",", ":")).encode())
-    del data  # the parsed JSON is by far the largest object; nothing below refers to it
-    return _pack(records, has_annotation, cat_ids, class_names, rows, labels, bboxes, crowd, areas,
-                 segms if with_masks else None, policy)
+    with _gc_paused():  # parsing creates millions of acyclic objects; collections only cost time
+        data = read_annotation_json(ann_file)
+        cat_ids, class_names = _parse_categories(data["categories"], ann_file)
+        label_of = {c: k for k, c in enumerate(cat_ids)}
+        records, row_of = _parse_images(data["images"], ann_file, policy)
+        kept, seen_ids = [], set()
+        for ann in data.get("annotations", []):
+            if not _looks_valid(ann, row_of, label_of, seen_ids, with_masks):
+                err = _annotation_problem(ann, ann_file, records, row_of, label_of, seen_ids,
+                                          with_masks)
+                if err is not None:
+                    policy.fail(err)
+                    continue
+            if ann.get("id") is not None:
+                seen_ids.add(ann["id"])
+            kept.append(ann)
+        columns = _columns(kept, row_of, label_of, with_masks)
+        del data, kept  # the parsed JSON is by far the largest object; nothing below refers to it
+    return _pack(records, cat_ids, class_names, columns, policy)
 
 
-def _pack(records, has_annotation, cat_ids, class_names, rows, labels, bboxes, crowd, areas, segms,
-          policy) -> CocoIndex:
-    """Clip, drop degenerate boxes and group objects by image into flat arrays."""
+@contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _columns(kept: list[dict], row_of: dict, label_of: dict, with_masks: bool) -> dict[str, Any]:
+    """Validated annotations as arrays: ``rows``, ``labels``, xywh ``boxes``, ``areas`` (NaN when
+    absent), ``crowd``, ``ignore`` (the reference leaves out annotations flagged so) and ``segms``."""
+    n = len(kept)
+
+    def column(values, dtype):
+        return np.fromiter(values, dtype=dtype, count=n)
+
+    return {
+        "rows": column((row_of[a["image_id"]] for a in kept), np.int64),
+        "labels": column((label_of[a["category_id"]] for a in kept), np.int64),
+        "boxes": np.fromiter(chain.from_iterable(a["bbox"] for a in kept), dtype=np.float64,
+                             count=4 * n).reshape(n, 4),
+        "areas": column((a.get("area", np.nan) for a in kept), np.float64),
+        "crowd": column((bool(a.get("iscrowd", 0)) for a in kept), bool),
+        "ignore": column((bool(a.get("ignore", 0)) for a in kept), bool),
+        "segms": [json.dumps(a.get("segmentation"), separators=(",", ":")).encode() for a in kept]
+        if with_masks else None,
+    }
+
+
+def _pack(records: list, cat_ids: list[int], class_names: list[str], columns: dict,
+          policy: _ErrorPolicy) -> CocoIndex:
+    """Convert xywh to clipped xyxy, drop degenerate boxes and group objects by image."""
     widths = np.array([r[2] for r in records], dtype=np.int64)
     heights = np.array([r[3] for r in records], dtype=np.int64)
-    rows = np.asarray(rows, dtype=np.int64)
-    boxes = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
+    rows, xywh = columns["rows"], columns["boxes"]
     limits = np.stack([widths[rows], heights[rows]], axis=1).astype(np.float64)
-    boxes = np.clip(boxes, 0.0, np.tile(limits, 2))
+    boxes = np.clip(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), 0.0,
+                    np.tile(limits, 2))
     size = boxes[:, 2:] - boxes[:, :2]
-    degenerate = (np.asarray(areas, dtype=np.float64) <= 0) | (size < 1).any(axis=1)
-    crowd = np.asarray(crowd, dtype=bool)
-    obj, ign = ~degenerate & ~crowd, ~degenerate & crowd
-    obj_order = np.nonzero(obj)[0][np.argsort(rows[obj], kind="stable")]
-    ign_order = np.nonzero(ign)[0][np.argsort(rows[ign], kind="stable")]
+    areas = np.where(np.isnan(columns["areas"]), xywh[:, 2] * xywh[:, 3], columns["areas"])
+    degenerate = ~columns["ignore"] & ((areas <= 0) | (size < 1).any(axis=1))
+    usable = ~columns["ignore"] & ~degenerate
+    obj, ign = usable & ~columns["crowd"], usable & columns["crowd"]
+    obj_order = np.flatnonzero(obj)[np.argsort(rows[obj], kind="stable")]
+    ign_order = np.flatnonzero(ign)[np.argsort(rows[ign], kind="stable")]
+    segms = columns["segms"]
     return CocoIndex(
         cat_ids=cat_ids, class_names=class_names,
         image_ids=np.array([r[0] for r in records], dtype=np.int64),
         widths=widths, heights=heights,
         file_names=PackedBytes([r[1].encode("utf-8") for r in records]),
-        has_annotation=has_annotation,
+        has_annotation=np.bincount(rows, minlength=len(records)) > 0,
         boxes=boxes[obj_order].astype(np.float32),
-        labels=np.asarray(labels, dtype=np.int64)[obj_order],
+        labels=columns["labels"][obj_order],
         box_offsets=_offsets(rows[obj], len(records)),
         ignore_boxes=boxes[ign_order].astype(np.float32),
         ignore_offsets=_offsets(rows[ign], len(records)),

@@ -129,6 +129,8 @@ CASES = [
          mutate=_set(["annotations", 0, "bbox"], [2, True, 8, 8])),
     Case("non-finite bbox", E.MalformedBoxError, A1 + ["non-finite"],
          mutate=_set(["annotations", 0, "bbox"], [2, 4, float("nan"), 8])),
+    Case("non-numeric area", E.AnnotationError, A1 + ["non-numeric 'area' 'big'"],
+         mutate=_set(["annotations", 0, "area"], "big")),
     Case("annotation without bbox", E.MalformedBoxError, A1 + ["has no 'bbox'"],
          mutate=_delete(["annotations", 0, "bbox"])),
     Case("duplicate annotation ids", E.DuplicateAnnotationIdError, ["annotation id 1", "image id 12",
