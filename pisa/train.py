@@ -8,6 +8,7 @@ and the lr follows the total batch (linear scaling rule).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ def resolve_config(args: argparse.Namespace, check_paths: bool | Sequence[str] =
     """
     overrides = list(args.overrides)
     if getattr(args, "work_dir", None):
-        overrides.append(f"train.work_dir={args.work_dir}")
+        overrides.append(f"train.work_dir={json.dumps(args.work_dir)}")  # quoted: any path stays a string
     if getattr(args, "deterministic", False):
         overrides.append("train.deterministic=true")
     try:

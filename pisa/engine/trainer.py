@@ -306,7 +306,8 @@ class Trainer:
 
     def _on_nonfinite(self, bad: list[str], losses: dict[str, float]) -> None:
         it = self.state.iter + 1
-        shown = ", ".join(f"{k}={losses[k]}" for k in bad)
+        shown = ", ".join(f"{k}={losses[k]}" if not math.isfinite(losses[k]) else f"{k} (non-finite on another process)"
+                          for k in bad)
         where = f"iteration {it} (epoch {self.state.epoch + 1})"
         if self.tcfg.get("nonfinite", "stop") == "skip":
             self.state.skipped += 1
