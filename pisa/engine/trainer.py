@@ -121,7 +121,11 @@ class Trainer:
     # public
 
     def train(self) -> dict[str, Any]:
-        """Run to ``max_iters``; returns ``{epoch, iter, metrics, best, skipped, work_dir}``."""
+        """Run to ``max_iters``; returns ``{epoch, iter, metrics, best, skipped, work_dir}``.
+
+        Evaluates every ``train.eval_interval`` epochs, and at the end if the last iteration was not
+        evaluated (unless ``eval_interval`` is 0).
+        """
         self._start()
         bar = progress_bar(self.max_iters, self.state.iter)
         try:
@@ -131,10 +135,11 @@ class Trainer:
                     self._end_epoch()
         finally:
             bar.close()
-        if self._evaluated_at != self.state.iter and self._can_evaluate():
-            self._evaluate()
-        if self._saved_at != self.state.iter:
-            self._save()
+        improved = False
+        if self._evaluated_at != self.state.iter and self._eval_every():
+            improved = self._evaluate()  # a run stopped mid-epoch by schedule.max_iters
+        if self._saved_at != self.state.iter or improved:
+            self._save(best=improved)
         return {"epoch": self.state.epoch, "iter": self.state.iter, "metrics": self.metrics,
                 "best": self.state.best, "skipped": self.state.skipped, "work_dir": str(self.work_dir)}
 
@@ -332,16 +337,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # epoch end: evaluation and checkpoints
 
-    def _can_evaluate(self) -> bool:
-        return self.val_loader is not None and self.evaluator is not None
+    def _eval_every(self) -> int:
+        """Epochs between evaluations; 0 when there is no validation data or ``eval_interval`` is 0."""
+        if self.val_loader is None or self.evaluator is None:
+            return 0
+        return int(self.tcfg.get("eval_interval") or 0)
 
     def _end_epoch(self) -> None:
         self.state.epoch += 1
         self.state.iter_in_epoch = 0
-        eval_every = int(self.tcfg.get("eval_interval") or 0)
-        improved = False
-        if self._can_evaluate() and eval_every and self.state.epoch % eval_every == 0:
-            improved = self._evaluate()
+        eval_every = self._eval_every()
+        improved = bool(eval_every) and self.state.epoch % eval_every == 0 and self._evaluate()
         ckpt_every = int(self.tcfg.get("ckpt_interval") or 0)
         keep = f"epoch_{self.state.epoch}.pth" if ckpt_every and self.state.epoch % ckpt_every == 0 else None
         self._save(keep, best=improved)

@@ -25,8 +25,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world_size: int, argv: list[str], out_dir: Path) -> list[subprocess.CompletedProcess]:
-    """Start ``world_size`` copies of the tiny script with torchrun's environment variables."""
+def _launch(world_size: int, argv: list[str], out_dir: Path) -> None:
+    """Run ``world_size`` copies of the tiny script with torchrun's environment variables; each
+    writes its result to ``out_dir/result{rank}.json`` and its output to ``out_dir/rank{rank}.out``."""
     port = str(_free_port())
     procs = []
     for rank in range(world_size):

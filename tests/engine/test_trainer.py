@@ -77,6 +77,23 @@ def test_checkpoints_config_and_best(full_run):
     assert (iter8["iter"], iter8["epoch"], iter8["meta"]["data"]["iter_in_epoch"]) == (8, 1, 2)
 
 
+def test_a_run_capped_mid_epoch_is_evaluated_and_checkpointed_at_its_end(tmp_path):
+    result = _trainer(tmp_path, schedule={"max_iters": 4}).train()
+    assert result["iter"] == 4
+    val = [x for x in _log(tmp_path / "work") if x["mode"] == "val"]
+    assert [(x["epoch"], x["iter"]) for x in val] == [(1, 4)]
+    best = torch.load(tmp_path / "work" / "best.pth", weights_only=True)
+    assert (best["iter"], best["epoch"], best["meta"]["data"]["iter_in_epoch"]) == (4, 0, 4)
+    assert best["best"]["value"] == val[0]["bbox_AP"] == result["metrics"]["bbox_AP"]
+
+
+def test_eval_interval_0_never_evaluates(tmp_path):
+    result = _trainer(tmp_path, train={"eval_interval": 0}, schedule={"epochs": 1}).train()
+    assert (result["iter"], result["metrics"], result["best"]) == (6, {}, None)
+    assert not [x for x in _log(tmp_path / "work") if x["mode"] == "val"]
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.pth")) == ["epoch_1.pth", "latest.pth"]
+
+
 def test_nonfinite_loss_stops_naming_the_term_and_iteration(tmp_path):
     trainer = _trainer(tmp_path, {"nonfinite_at": [3]})
     with pytest.raises(NonFiniteLossError, match=r"iteration 3 \(epoch 1\): loss_bbox=nan") as err:
