@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,8 +20,7 @@ from pisa.config import add_config_args
 from pisa.engine import dist
 from pisa.engine.checkpoint import CheckpointError, load_model_weights
 from pisa.engine.inference import evaluate
-from pisa.engine.trainer import configure_determinism, seed_everything
-from pisa.train import RunParts, add_device_arg, build_val_parts, resolve_config
+from pisa.train import RunParts, add_device_arg, build_val_parts, cli_session, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +68,7 @@ def main(argv: Sequence[str] | None = None, build: Any = build_eval_parts) -> di
     """
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args, check_paths=("data.val",))  # training data need not be present
-    info = dist.init_distributed(args.device)
-    try:
-        configure_determinism(cfg["train"]["deterministic"])
-        seed_everything(cfg["train"]["seed"])
+    with cli_session(cfg, args.device, (CheckpointError,)) as info:
         parts = build(cfg, info)
         load_weights_strict(parts.model, args.checkpoint, cfg["model"], args.trust_checkpoint)
         out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint)
@@ -84,11 +79,6 @@ def main(argv: Sequence[str] | None = None, build: Any = build_eval_parts) -> di
             print(summary(metrics) if callable(summary) else metrics)
             print(f"results and metrics written to {out_dir}")
         return metrics
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ and the lr follows the total batch (linear scaling rule).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 
@@ -120,6 +120,22 @@ def load_initial_weights(model: nn.Module, cfg: dict, trust: bool) -> None:
             f"{result.missing_keys[:5]}; unexpected {len(result.unexpected_keys)} {result.unexpected_keys[:5]}")
 
 
+@contextlib.contextmanager
+def cli_session(cfg: dict, device: str | None, errors: tuple[type[Exception], ...]) -> Iterator[dist.DistInfo]:
+    """Join the process group, apply determinism and seed (the same initial weights on every rank);
+    print ``errors`` as one line and exit with status 1; always leave the group."""
+    info = dist.init_distributed(device)
+    try:
+        configure_determinism(cfg["train"]["deterministic"])
+        seed_everything(cfg["train"]["seed"])
+        yield info
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        dist.cleanup()
+
+
 def run(cfg: dict, args: argparse.Namespace, info: dist.DistInfo, parts: RunParts) -> dict[str, Any]:
     """Train ``parts`` as ``cfg`` says; returns :meth:`Trainer.train`'s result."""
     load_initial_weights(parts.model, cfg, args.trust_checkpoint)  # a resumed checkpoint overrides these
@@ -141,17 +157,8 @@ def main(argv: Sequence[str] | None = None, build: Any = build_parts) -> dict[st
     """
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    info = dist.init_distributed(args.device)
-    try:
-        configure_determinism(cfg["train"]["deterministic"])
-        seed_everything(cfg["train"]["seed"])  # the same initial weights on every rank
+    with cli_session(cfg, args.device, (NonFiniteLossError, CheckpointError)) as info:
         return run(cfg, args, info, build(cfg, info))
-    except (NonFiniteLossError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        dist.cleanup()
-
 
 if __name__ == "__main__":
     main()

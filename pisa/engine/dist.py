@@ -107,8 +107,9 @@ def all_reduce_mean(values: dict[str, float], device: torch.device | None = None
     if get_world_size() == 1 or not values:
         return dict(values)
     keys = list(values)
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    if device is None:  # NCCL reduces CUDA tensors only
+        nccl = tdist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     tdist.all_reduce(packed, op=tdist.ReduceOp.SUM)
     packed /= get_world_size()
