@@ -145,7 +145,7 @@ def run(cfg: dict, args: argparse.Namespace, info: dist.DistInfo, parts: RunPart
     result = trainer.train()
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
     console(f"done: {result['iter']} iterations, {result['epoch']} epochs, {result['skipped']} skipped steps; "
-            f"final {metrics or 'metrics: none (no validation data)'}; best {result['best']}; "
+            f"final metrics {metrics or 'none (not evaluated)'}; best {result['best']}; "
             f"checkpoints in {result['work_dir']}")
     return result
 
