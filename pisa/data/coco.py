@@ -515,7 +515,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def _load_sample(self, i: int) -> tuple[Image.Image, dict[str, Any]]:
         """Image and untransformed target of ``i``; with ``on_error="skip"`` the next loadable one."""
-        for j in (np.arange(len(self)) + i) % len(self):
+        for attempt in range(len(self)):
+            j = (i + attempt) % len(self)
             if self._rows[j] in self._bad_rows:
                 continue
             try:
