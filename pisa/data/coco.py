@@ -203,7 +203,11 @@ def _bbox_problem(bbox: Any) -> str | None:
         return f"has bbox {_short(bbox)}, not a list of 4 numbers [x, y, w, h]"
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         return f"has a non-numeric bbox {bbox!r}"
-    if not all(np.isfinite(bbox)):
+    try:
+        finite = all(isfinite(v) for v in bbox)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
         return f"has a non-finite bbox {bbox!r}"
     return None
 
@@ -229,7 +233,7 @@ def _looks_valid(ann: Any, row_of: dict, label_of: dict, seen_ids: set, with_mas
                 and ann.get("id") not in seen_ids
                 and (not with_masks or ann.get("iscrowd") or type(ann.get("segmentation")) in
                      (list, dict)))
-    except (KeyError, TypeError):  # not a dict, missing keys, unhashable ids
+    except (KeyError, TypeError, OverflowError):  # not a dict, missing keys, unhashable ids, ...
         return False
 
 
@@ -398,10 +402,10 @@ class CocoDataset(torch.utils.data.Dataset):
                  filter_empty: bool = False, with_masks: bool = False,
                  on_error: str = "raise") -> None:
         self.ann_file, self.img_dir = os.fspath(ann_file), os.fspath(img_dir)
-        self.index = build_coco_index(self.ann_file, with_masks=with_masks, on_error=on_error)
-        if not os.path.isdir(self.img_dir):
+        if not os.path.isdir(self.img_dir):  # checked first: indexing a large file takes a while
             raise E.ImageNotFoundError(f"image folder {self.img_dir} (for {self.ann_file}) does not "
                                        "exist. Check the img_dir setting.", path=self.img_dir)
+        self.index = build_coco_index(self.ann_file, with_masks=with_masks, on_error=on_error)
         self.transforms = transforms
         self.filter_empty, self.with_masks, self.on_error = filter_empty, with_masks, on_error
         rows = np.arange(len(self.index.image_ids))

@@ -131,6 +131,8 @@ CASES = [
          mutate=_set(["annotations", 0, "bbox"], [2, 4, float("nan"), 8])),
     Case("non-numeric area", E.AnnotationError, A1 + ["non-numeric 'area' 'big'"],
          mutate=_set(["annotations", 0, "area"], "big")),
+    Case("bbox value too large for a float", E.MalformedBoxError, A1 + ["non-finite"],
+         mutate=_set(["annotations", 0, "bbox"], [2, 4, 10**400, 8])),
     Case("annotation without bbox", E.MalformedBoxError, A1 + ["has no 'bbox'"],
          mutate=_delete(["annotations", 0, "bbox"])),
     Case("duplicate annotation ids", E.DuplicateAnnotationIdError, ["annotation id 1", "image id 12",
