@@ -9,12 +9,13 @@ worker loads it.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from pisa.data.errors import DatasetConfigError
 
@@ -30,10 +31,25 @@ def pad_images(images: Sequence[torch.Tensor], pad_divisor: int = 32) -> torch.T
     width = max(img.shape[-1] for img in images)
     height = -(-height // pad_divisor) * pad_divisor
     width = -(-width // pad_divisor) * pad_divisor
-    batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    batch = _empty_batch(images[0], (len(images), images[0].shape[0], height, width))
     for slot, img in zip(batch, images):
-        slot[:, :img.shape[-2], :img.shape[-1]].copy_(img)
+        h, w = img.shape[-2:]
+        slot[:, :h, :w].copy_(img)
+        slot[:, h:, :].zero_()
+        slot[:, :h, w:].zero_()
     return batch
+
+
+def _empty_batch(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uninitialised tensor of ``shape``; in a DataLoader worker it lives in shared memory.
+
+    A worker's batch must reach the main process through shared memory; allocating it there directly
+    (as torch's default_collate does) saves a copy of the whole padded batch.
+    """
+    if get_worker_info() is None or not hasattr(like, "_typed_storage"):
+        return like.new_empty(shape)
+    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
+    return like.new(storage).view(shape)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict]], pad_divisor: int = 32
