@@ -1,0 +1,227 @@
+"""The config schema: every key an experiment may set, with its type, default, range and doc.
+
+Plain data built from three node kinds: :class:`Key` (a value), :class:`Section` (a mapping of named
+nodes) and :class:`Variants` (a mapping whose ``type`` picks one of several sections, e.g. the model).
+:mod:`pisa.config` validates configs against :data:`SCHEMA` and fills in its defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key or file and what to do."""
+
+
+REQUIRED = "<required>"  # sentinel default: the key must be given
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One value. ``types`` from: null, bool, int, float (ints accepted and converted), str, list.
+
+    ``min``/``max`` bound numbers (strictly if ``exclusive``); ``choices`` restricts strings;
+    ``items``/``length``/``min_len`` describe lists; ``path`` ("file" or "dir") requires a string value to
+    name an existing path unless it is one of ``keywords``.
+    """
+
+    types: tuple[str, ...]
+    default: Any = REQUIRED
+    doc: str = ""
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+    exclusive: bool = False
+    items: "Key | None" = None
+    length: int | None = None
+    min_len: int = 1
+    path: str | None = None
+    keywords: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A mapping with fixed keys. ``optional``: may be null, and is null when absent (feature off)."""
+
+    keys: dict
+    doc: str = ""
+    optional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Variants:
+    """A mapping whose ``type`` key picks one of several sections (one per registered builder)."""
+
+    options: dict
+    doc: str = ""
+
+
+Spec = Union[Key, Section, Variants]
+
+
+def _num(default, doc, **kw) -> Key:
+    return Key(("float",), default, doc, **kw)
+
+
+def _int(default, doc, **kw) -> Key:
+    return Key(("int",), default, doc, **kw)
+
+
+def _flag(default, doc) -> Key:
+    return Key(("bool",), default, doc)
+
+
+def _choice(default, choices, doc, nullable=False) -> Key:
+    return Key(("null", "str") if nullable else ("str",), default, doc, choices=tuple(choices))
+
+
+def _list(item: Key, default, doc, length=None, min_len=1) -> Key:
+    return Key(("list",), default, doc, items=item, length=length, min_len=min_len)
+
+
+_PROB = dict(min=0.0, max=1.0)
+_SCALE = Key(("list",), items=Key(("int",), min=1), length=2, doc="[long side, short side]")
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d")
+
+RETINANET = Section({
+    "num_classes": _int(REQUIRED, "number of object classes K (no background)", min=1),
+    "backbone": Section({
+        "type": _choice("resnet50", BACKBONES, "backbone architecture"),
+        "frozen_stages": _int(1, "stages frozen from the stem: -1 none, 0 stem, 1 stem + stage 1, ...",
+                              min=-1, max=4),
+        "norm_eval": _flag(True, "keep BatchNorm statistics frozen while training"),
+        "pretrained": Key(("null", "str"), None, 'ImageNet weights: null, "torchvision", or a .pth path',
+                          path="file", keywords=("torchvision",)),
+    }, "ResNet / ResNeXt feature extractor"),
+    "neck": Section({"out_channels": _int(256, "FPN channels", min=1)}, "FPN P3-P7"),
+    "head": Section({
+        "feat_channels": _int(256, "channels of the conv towers", min=1),
+        "stacked_convs": _int(4, "convs per tower", min=0),
+        "prior_prob": _num(0.01, "initial foreground probability of the classifier", min=0.0, max=1.0,
+                           exclusive=True),
+    }, "classification and box towers"),
+    "anchors": Section({
+        "strides": _list(Key(("int",), min=1), [8, 16, 32, 64, 128], "stride of each FPN level"),
+        "octave_base_scale": _num(4.0, "anchor size at a level = stride * this * octave scale", min=0.0,
+                                  exclusive=True),
+        "scales_per_octave": _int(3, "octave scales per location", min=1),
+        "ratios": _list(Key(("float",), min=0.0, exclusive=True), [0.5, 1.0, 2.0], "aspect ratios h/w"),
+    }, "anchor generator"),
+    "coder": Section({
+        "means": _list(Key(("float",)), [0.0] * 4, "delta means (dx, dy, dw, dh)", length=4),
+        "stds": _list(Key(("float",), min=0.0, exclusive=True), [1.0] * 4, "delta stds", length=4),
+    }, "box delta coder"),
+    "assigner": Section({
+        "pos_iou_thr": _num(0.5, "IoU at or above which an anchor is positive", **_PROB),
+        "neg_iou_thr": _num(0.4, "IoU below which an anchor is negative", **_PROB),
+        "min_pos_iou": _num(0.0, "least IoU for a low-quality match", **_PROB),
+        "match_low_quality": _flag(True, "give each GT its best anchors even below pos_iou_thr"),
+        "ignore_iof_thr": _num(-1.0, ">0: ignore anchors covered by a crowd box beyond this IoF"),
+    }, "max-IoU anchor assignment"),
+    "loss_cls": Section({
+        "alpha": _num(0.25, "focal loss alpha", **_PROB),
+        "gamma": _num(2.0, "focal loss gamma", min=0.0),
+        "weight": _num(1.0, "loss weight", min=0.0),
+    }, "sigmoid focal loss"),
+    "loss_bbox": Section({
+        "type": _choice("l1", ("l1", "smooth_l1"), "box regression loss"),
+        "beta": _num(0.11, "smooth_l1 only: transition point", min=0.0, exclusive=True),
+        "weight": _num(1.0, "loss weight", min=0.0),
+    }, "box regression loss"),
+    "test": Section({
+        "nms_pre": _int(1000, "top anchors per level kept before NMS", min=1),
+        "score_thr": _num(0.05, "least score of a detection", **_PROB),
+        "nms_iou": _num(0.5, "NMS IoU threshold", **_PROB),
+        "max_per_img": _int(100, "detections kept per image", min=1),
+    }, "inference post-processing"),
+}, "RetinaNet")
+
+_DATASET_OPTIONS = {
+    "filter_empty": _flag(False, "training only: drop images without usable annotations"),
+    "with_masks": _flag(False, "decode instance masks"),
+    "on_error": _choice("raise", ("raise", "skip"), "on an unreadable image or a bad annotation"),
+}
+_DATASETS = {
+    "coco": Section({
+        "ann_file": Key(("str",), REQUIRED, "COCO instances JSON", path="file"),
+        "img_dir": Key(("str",), REQUIRED, "directory of the images", path="dir"),
+        **_DATASET_OPTIONS,
+    }, "COCO-format dataset"),
+    "synthetic": Section({
+        "split": _choice("train", ("train", "val"), "which split of the embedded demo data"),
+        "root": Key(("null", "str"), None, "folder the demo data is written to (null: default cache)"),
+        **_DATASET_OPTIONS,
+    }, "embedded demo data (generated once, COCO format)"),
+}
+
+SCHEMA = Section({
+    "model": Variants({"retinanet": RETINANET}, "the detector"),
+    "pisa": Section({
+        "isr_p": Section({"k": _num(2.0, "exponent of the importance weight", min=0.0),
+                          "bias": _num(0.0, "weight floor", **_PROB)},
+                         "Importance-based Sample Reweighting of positives", optional=True),
+        "carl": Section({"k": _num(1.0, "exponent of the score weight", min=0.0),
+                         "bias": _num(0.2, "weight floor", **_PROB)},
+                        "Classification-Aware Regression Loss", optional=True),
+        "compat": Section({
+            "legacy_gt_offset": _flag(False, "reproduce the reference's GT-id offset (defect D1)"),
+            "legacy_float_keys": _flag(False, "rank by the reference's float keys (defect D9)"),
+        }, "reference quirks, off by default"),
+    }, "Prime Sample Attention; absent or null = the baseline", optional=True),
+    "data": Section({
+        "train": Variants(_DATASETS, "training set"),
+        "val": Variants(_DATASETS, "validation set"),
+        "train_transforms": Section({
+            "scales": _list(_SCALE, [[1333, 800]], "keep-ratio resize targets; one is drawn per image"),
+            "flip_prob": _num(0.5, "horizontal flip probability", **_PROB),
+        }, "training augmentation"),
+        "test_transforms": Section({"scales": _list(_SCALE, [[1333, 800]], "keep-ratio resize targets")},
+                                   "test-time resize"),
+        "normalize": Section({
+            "mean": _list(Key(("float",)), [123.675, 116.28, 103.53], "per-channel mean (0-255)", length=3),
+            "std": _list(Key(("float",), min=0.0, exclusive=True), [58.395, 57.12, 57.375],
+                         "per-channel std (0-255)", length=3),
+            "to_rgb": _flag(True, "normalise in RGB channel order (false: BGR, for caffe-style weights)"),
+        }, "pixel normalisation"),
+        "pad_divisor": _int(32, "pad batches to a multiple of this", min=1),
+        "batch_size": _int(2, "images per process", min=1),
+        "workers": _int(2, "data loader workers per process", min=0),
+        "aspect_grouping": _flag(True, "batch images of the same orientation together"),
+    }, "datasets and input pipeline"),
+    "optim": Section({
+        "lr": _num(0.01, "learning rate for ref_batch images per step", min=0.0, exclusive=True),
+        "momentum": _num(0.9, "SGD momentum", **_PROB),
+        "weight_decay": _num(0.0001, "L2 weight decay", min=0.0),
+        "ref_batch": _int(16, "total batch the lr was tuned for; lr scales linearly", min=1),
+        "clip_grad": Section({
+            "max_norm": _num(REQUIRED, "largest gradient norm", min=0.0, exclusive=True),
+            "norm_type": _num(2.0, "p of the p-norm", min=0.0, exclusive=True),
+        }, "gradient clipping; null = off", optional=True),
+    }, "SGD"),
+    "schedule": Section({
+        "epochs": _int(12, "training epochs", min=1),
+        "steps": _list(Key(("int",), min=1), [8, 11], "epochs after which lr *= gamma",
+                       min_len=0),
+        "gamma": _num(0.1, "lr decay factor", min=0.0),
+        "warmup_iters": _int(500, "linear warmup iterations", min=0),
+        "warmup_ratio": _num(0.001, "warmup starts at lr * this", **_PROB),
+        "max_iters": Key(("null", "int"), None, "stop after this many iterations (null: all epochs)", min=1),
+    }, "learning-rate schedule"),
+    "train": Section({
+        "work_dir": Key(("str",), REQUIRED, "checkpoints, logs and the resolved config go here"),
+        "seed": _int(0, "random seed", min=0),
+        "deterministic": _flag(False, "use deterministic kernels (slower)"),
+        "amp": _choice(None, ("bf16", "fp16"), "mixed precision: null, bf16 or fp16", nullable=True),
+        "eval_interval": _int(1, "evaluate every this many epochs (0: never)", min=0),
+        "ckpt_interval": _int(1, "checkpoint every this many epochs (0: only the last)", min=0),
+        "ckpt_iter_interval": _int(0, "also checkpoint every this many iterations (0: off)", min=0),
+        "best_metric": Key(("str",), "bbox_AP", "metric that selects the best checkpoint"),
+        "log_interval": _int(50, "log every this many iterations", min=1),
+        "nonfinite": _choice("stop", ("stop", "skip"), "on a non-finite loss: stop, or skip the step"),
+    }, "training loop"),
+    "load_from": Key(("null", "str"), None, "initial weights: a pisa or mmdetection checkpoint",
+                     path="file"),
+    "base": Key(("null", "str"), None, "one base file, relative to this file (resolved on load)"),
+}, "experiment")
