@@ -2,8 +2,8 @@
 
 Both detectors use the same ResNet FPN backbone type trained from scratch, the same anchors, image
 size, batches (pisa's data loader, one process, no workers so CPU time is the process's own), SGD
-settings and schedule shape. pisa trains its config's full schedule through ``pisa.train``; torchvision
-then gets the same CPU time: its step time is measured, its schedule is stretched or shrunk to the
+settings and schedule shape. pisa trains its config's full schedule through ``pisa.train`` (no
+evaluation during training); torchvision then gets the same CPU time: its step time is measured, its schedule is stretched or shrunk to the
 number of steps that fit, and both are scored by the same COCO evaluator on the val split.
 
     python scripts/compare_torchvision.py                          # a second demo set (seed 1)
@@ -26,6 +26,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from pisa import eval as pisa_eval
 from pisa import train as pisa_train
 from pisa.config import load_config
 from pisa.data import build_dataset, build_dataloader
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--ann-val"), parser.add_argument("--img-val")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--reuse-pisa", type=float, metavar="CPU_SECONDS", default=None,
+                        help="skip pisa's training: reuse WORK_DIR/pisa/latest.pth, which took this CPU time")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="pisa-vs-tv-"))
     if args.ann_train:
@@ -143,22 +146,28 @@ def main() -> None:
     overrides = data + args.overrides
     cfg = load_config(args.config, overrides)
 
-    torch.set_num_threads(torch.get_num_threads())
-    start = time.process_time()
-    pisa_result = pisa_train.main([args.config] + [a for o in overrides for a in ("--set", o)])
-    pisa_cpu = time.process_time() - start
+    cli = [a for o in overrides for a in ("--set", o)]
+    if args.reuse_pisa is None:
+        start = time.process_time()
+        pisa_train.main([args.config] + cli)
+        pisa_cpu = time.process_time() - start
+    else:
+        pisa_cpu = args.reuse_pisa
     train_set = build_dataset(cfg["data"]["train"], cfg["data"], train=True)
     loader = build_dataloader(train_set, batch_size=cfg["data"]["batch_size"], workers=0, train=True,
                               seed=cfg["train"]["seed"], aspect_grouping=cfg["data"]["aspect_grouping"])
     pisa_iters = cfg["schedule"]["max_iters"] or cfg["schedule"]["epochs"] * len(loader)
-    print(f"\npisa: {pisa_iters} iterations in {pisa_cpu:.0f} s CPU (incl. final evaluation)")
+    print(f"\npisa: {pisa_iters} iterations in {pisa_cpu:.0f} s CPU (training only)")
+    pisa_metrics = pisa_eval.main([args.config, str(work / "pisa" / "latest.pth"), "--out",
+                                   str(work / "pisa" / "eval")] + cli)
 
     model, tv_iters, tv_cpu = train_torchvision(cfg, loader, pisa_cpu, pisa_iters)
+    (work / "torchvision").mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), work / "torchvision" / "model.pth")
     val_set = build_dataset(cfg["data"]["val"], cfg["data"], train=False)
     val_loader = build_dataloader(val_set, batch_size=1, workers=0, train=False, seed=0)
     tv_metrics = evaluate_torchvision(model, val_set, val_loader, work / "torchvision")
-    pisa_ap = pisa_result["metrics"]["bbox_AP"]
-    rows = {"pisa": {"bbox_AP": pisa_ap, "iters": pisa_iters, "cpu_s": round(pisa_cpu, 1)},
+    rows = {"pisa": {"bbox_AP": pisa_metrics["bbox_AP"], "iters": pisa_iters, "cpu_s": round(pisa_cpu, 1)},
             "torchvision": {"bbox_AP": tv_metrics["bbox_AP"], "iters": tv_iters, "cpu_s": round(tv_cpu, 1)}}
     print(f"\n{'model':14s} {'iters':>7s} {'CPU s':>8s} {'bbox AP':>8s}")
     for name, r in rows.items():
