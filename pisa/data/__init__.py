@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 from pisa.data.batching import (Collate, GroupedBatchSampler, InferenceBatchSampler, WorkerSeeder,
                                 build_dataloader, collate, pad_images)
-from pisa.data.coco import CocoDataset, CocoIndex, build_coco_index
+from pisa.data.coco import CocoDataset
+from pisa.data.coco_index import CocoIndex, build_coco_index
 from pisa.data.errors import (AnnotationError, AnnotationFileError, CategoryError,
                               DatasetConfigError, DatasetError, DuplicateAnnotationIdError,
                               DuplicateImageIdError, ImageDecodeError, ImageLoadError,

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pisa.data import CocoDataset, build_transforms
-from pisa.data.coco import PackedBytes
+from pisa.data.coco_index import PackedBytes
 
 
 def test_category_mapping_round_trip_with_non_contiguous_ids(coco_files):
