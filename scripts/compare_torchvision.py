@@ -69,16 +69,19 @@ def train_torchvision(cfg: dict, loader, cpu_budget: float, pisa_iters: int) -> 
     model = torchvision_model(cfg["model"])
     model.train()
     probe = build_optimizer(model, cfg["optim"], cfg["optim"]["lr"])
-    # Measure the step time on a few batches, then size the schedule to the CPU budget.
-    start, steps = time.process_time(), 0
+    # Measure the step time (after a short warm-up), then size the schedule to the CPU budget.
+    steps, warmup, timed_steps = 0, 3, 20
     for images, targets in loader:
+        if steps == warmup:
+            start = time.process_time()
         losses = model(unpad(images, targets), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         probe.zero_grad()
         sum(losses.values()).backward()
+        probe.step()
         steps += 1
-        if steps == 5:
+        if steps == warmup + timed_steps:
             break
-    per_step = (time.process_time() - start) / steps
+    per_step = (time.process_time() - start) / timed_steps
     iters = max(1, int(cpu_budget / per_step))
     torch.manual_seed(cfg["train"]["seed"])
     model = torchvision_model(cfg["model"])
