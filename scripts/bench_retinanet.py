@@ -80,7 +80,7 @@ def train_step_fn(model, images, targets, loss_of):
 def pisa_models(config: str, backbone: str, num_classes: int, device: torch.device):
     overrides = [f"model.backbone.type={backbone}", "model.backbone.pretrained=null",
                  f"model.num_classes={num_classes}"]
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, check_paths=False)  # no dataset is read here
     base_cfg = copy.deepcopy(cfg)
     base_cfg["pisa"] = None
     torch.manual_seed(0)
