@@ -7,6 +7,8 @@ evaluation during training); torchvision then gets the same CPU time: its step t
 number of steps that fit, and both are scored by the same COCO evaluator on the val split.
 
     python scripts/compare_torchvision.py                          # a second demo set (seed 1)
+    python scripts/compare_torchvision.py --work-dir W --reuse-pisa CPU_S --tv-head-convs 2
+                                        # torchvision's towers cut to the config's depth, pisa reused
     python scripts/compare_torchvision.py --ann-train A.json --img-train DIR --ann-val B.json --img-val DIR
 """
 
@@ -42,7 +44,7 @@ class NoResizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-def torchvision_model(model_cfg: dict) -> RetinaNet:
+def torchvision_model(model_cfg: dict, head_convs: int = 4) -> RetinaNet:
     trunk = getattr(torchvision.models, model_cfg["backbone"]["type"])(weights=None)
     c5 = trunk.fc.in_features
     out = model_cfg["neck"]["out_channels"]
@@ -57,6 +59,9 @@ def torchvision_model(model_cfg: dict) -> RetinaNet:
                       detections_per_img=model_cfg["test"]["max_per_img"],
                       topk_candidates=model_cfg["test"]["nms_pre"])
     model.transform = NoResizeTransform(1, 1, [0.0] * 3, [1.0] * 3)
+    # torchvision fixes its towers at 4 convs; keeping the first n (same init) matches a shallower config.
+    model.head.classification_head.conv = model.head.classification_head.conv[:head_convs]
+    model.head.regression_head.conv = model.head.regression_head.conv[:head_convs]
     return model
 
 
@@ -64,9 +69,10 @@ def unpad(images: torch.Tensor, targets: list[dict]) -> list[torch.Tensor]:
     return [img[:, :t["img_shape"][0], :t["img_shape"][1]] for img, t in zip(images, targets)]
 
 
-def train_torchvision(cfg: dict, loader, cpu_budget: float, pisa_iters: int) -> tuple[RetinaNet, int, float]:
+def train_torchvision(cfg: dict, loader, cpu_budget: float, pisa_iters: int,
+                      head_convs: int) -> tuple[RetinaNet, int, float]:
     torch.manual_seed(cfg["train"]["seed"])
-    model = torchvision_model(cfg["model"])
+    model = torchvision_model(cfg["model"], head_convs)
     model.train()
     probe = build_optimizer(model, cfg["optim"], cfg["optim"]["lr"])
     # Measure the step time (after a short warm-up), then size the schedule to the CPU budget.
@@ -84,7 +90,7 @@ def train_torchvision(cfg: dict, loader, cpu_budget: float, pisa_iters: int) -> 
     per_step = (time.process_time() - start) / timed_steps
     iters = max(1, int(cpu_budget / per_step))
     torch.manual_seed(cfg["train"]["seed"])
-    model = torchvision_model(cfg["model"])
+    model = torchvision_model(cfg["model"], head_convs)
     model.train()
     sched_cfg = dict(cfg["schedule"])
     ipe = len(loader)
@@ -92,8 +98,11 @@ def train_torchvision(cfg: dict, loader, cpu_budget: float, pisa_iters: int) -> 
     sched_cfg["steps"] = [max(1, round(s * scale)) for s in cfg["schedule"]["steps"]]
     optimizer = build_optimizer(model, cfg["optim"], cfg["optim"]["lr"])
     scheduler = build_scheduler(optimizer, sched_cfg, ipe)
-    it, start = 0, time.process_time()
+    it, epoch, start = 0, 0, time.process_time()
     while it < iters:
+        # A new order and new flips every epoch, as pisa's trainer draws them.
+        loader.batch_sampler.set_epoch(epoch)
+        epoch += 1
         for images, targets in loader:
             losses = model(unpad(images, targets), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
             loss = sum(losses.values())
@@ -136,6 +145,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--reuse-pisa", type=float, metavar="CPU_SECONDS", default=None,
                         help="skip pisa's training: reuse WORK_DIR/pisa/latest.pth, which took this CPU time")
+    parser.add_argument("--tv-head-convs", type=int, choices=(1, 2, 3, 4), default=4,
+                        help="convs per torchvision head tower (its own design is 4; the demo config has 2)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="pisa-vs-tv-"))
     if args.ann_train:
@@ -164,19 +175,22 @@ def main() -> None:
     pisa_metrics = pisa_eval.main([args.config, str(work / "pisa" / "latest.pth"), "--out",
                                    str(work / "pisa" / "eval")] + cli)
 
-    model, tv_iters, tv_cpu = train_torchvision(cfg, loader, pisa_cpu, pisa_iters)
-    (work / "torchvision").mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), work / "torchvision" / "model.pth")
+    model, tv_iters, tv_cpu = train_torchvision(cfg, loader, pisa_cpu, pisa_iters, args.tv_head_convs)
+    tv_dir = work / f"torchvision_{args.tv_head_convs}conv"
+    tv_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), tv_dir / "model.pth")
     val_set = build_dataset(cfg["data"]["val"], cfg["data"], train=False)
     val_loader = build_dataloader(val_set, batch_size=1, workers=0, train=False, seed=0)
-    tv_metrics = evaluate_torchvision(model, val_set, val_loader, work / "torchvision")
+    tv_metrics = evaluate_torchvision(model, val_set, val_loader, tv_dir)
     rows = {"pisa": {"bbox_AP": pisa_metrics["bbox_AP"], "iters": pisa_iters, "cpu_s": round(pisa_cpu, 1)},
             "torchvision": {"bbox_AP": tv_metrics["bbox_AP"], "iters": tv_iters, "cpu_s": round(tv_cpu, 1)}}
     print(f"\n{'model':14s} {'iters':>7s} {'CPU s':>8s} {'bbox AP':>8s}")
     for name, r in rows.items():
         print(f"{name:14s} {r['iters']:7d} {r['cpu_s']:8.0f} {r['bbox_AP']:8.3f}")
-    (work / "comparison.json").write_text(json.dumps(rows, indent=1))
-    print(f"written to {work / 'comparison.json'}")
+    rows["torchvision"]["head_convs"] = args.tv_head_convs
+    out = work / f"comparison_tv{args.tv_head_convs}conv.json"
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":
