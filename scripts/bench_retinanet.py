@@ -1,6 +1,9 @@
 """Side-by-side timings for RetinaNet, printed in one run on the same inputs.
 
-1. pisa RetinaNet train step: PISA (ISR-P + CARL) vs the baseline (same model, no ``pisa:`` block).
+1. pisa RetinaNet train step: PISA (ISR-P + CARL) vs the baseline (same model, no ``pisa:`` block),
+   and the criterion alone (targets + losses + their backward on fixed head outputs), where PISA's
+   extra work is not hidden by the noise of a multi-second step. Models run in turn within every
+   repeat so that drift of the machine lands on each alike.
 2. ``isr_p`` (vectorised) vs a straightforward loop over classes and GTs computing the same weights.
 3. pisa RetinaNet vs torchvision's ``RetinaNet`` of the same architecture: train step and inference.
 
@@ -33,20 +36,32 @@ from pisa.models import build_model
 from pisa.models.box_coder import DeltaXYWHCoder
 
 
+def _time_once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000
+
+
 def timed(fn, device: torch.device, warmup: int, repeat: int) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return timed_interleaved({"fn": fn}, device, warmup, repeat)["fn"]
+
+
+def timed_interleaved(fns: dict, device: torch.device, warmup: int, repeat: int) -> dict[str, float]:
+    """Median wall time (ms) of each ``fns[name]()``, run in turn within every repeat, so that a
+    slow phase of the machine lands on all of them alike instead of on whichever ran then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def random_batch(batch: int, size: int, num_classes: int, device: torch.device, seed: int = 0):
@@ -74,6 +89,18 @@ def train_step_fn(model, images, targets, loss_of):
         loss = loss_of(model(images, targets))
         loss.backward()
         opt.step()
+    return step
+
+
+def criterion_step_fn(model, images, targets, loss_of):
+    """Targets, losses and their backward into fixed head outputs: the part PISA changes, alone."""
+    with torch.no_grad():
+        cls_scores, bbox_preds = model.head(model.neck(model.backbone(images)))
+    outputs = [t.detach().requires_grad_(True) for t in cls_scores + bbox_preds]
+    levels = len(cls_scores)
+
+    def step():
+        loss_of(model.criterion(outputs[:levels], outputs[levels:], targets)).backward()
     return step
 
 
@@ -180,29 +207,33 @@ def main() -> None:
     print(f"device={device}  backbone={args.backbone}  batch={args.batch}x{args.size}x{args.size}  "
           f"classes={args.classes}  torch={torch.__version__}  threads={torch.get_num_threads()}")
 
-    rows = []
-    t_base = timed(train_step_fn(base_model, images, targets, total), device, args.warmup, args.repeat)
-    t_pisa = timed(train_step_fn(pisa_model, images, targets, total), device, args.warmup, args.repeat)
-    rows.append(("train step: PISA / baseline", t_pisa, t_base))
-
-    t_vec, t_loop = bench_isr_p(device, num_pos=2000, num_gts=100, num_classes=args.classes,
-                                warmup=args.warmup, repeat=args.repeat)
-    rows.append(("isr_p (2000 pos, 100 GTs): vectorised / per-GT loop", t_vec, t_loop))
-
     torch.manual_seed(0)
     tv = torchvision_retinanet(args.backbone, args.classes, args.size, cfg["model"]).to(device)
     tv_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
     tv_images = list(images)
-    tv_step = train_step_fn(tv, tv_images, tv_targets, lambda d: sum(d.values()))
-    t_tv = timed(tv_step, device, args.warmup, args.repeat)
+    steps = timed_interleaved({"base": train_step_fn(base_model, images, targets, total),
+                               "pisa": train_step_fn(pisa_model, images, targets, total),
+                               "tv": train_step_fn(tv, tv_images, tv_targets, lambda d: sum(d.values()))},
+                              device, args.warmup, args.repeat)
+    t_base, t_pisa, t_tv = steps["base"], steps["pisa"], steps["tv"]
+    rows = [("train step: PISA / baseline", t_pisa, t_base)]
+    crit = timed_interleaved({"base": criterion_step_fn(base_model, images, targets, total),
+                              "pisa": criterion_step_fn(pisa_model, images, targets, total)},
+                             device, args.warmup, 4 * args.repeat)
+    rows.append(("criterion fwd+bwd: PISA / baseline", crit["pisa"], crit["base"]))
+
+    t_vec, t_loop = bench_isr_p(device, num_pos=2000, num_gts=100, num_classes=args.classes,
+                                warmup=args.warmup, repeat=args.repeat)
+    rows.append(("isr_p (2000 pos, 100 GTs): vectorised / per-GT loop", t_vec, t_loop))
     rows.append(("train step: pisa baseline / torchvision", t_base, t_tv))
     rows.append(("train step: pisa PISA / torchvision", t_pisa, t_tv))
 
     base_model.eval()
     tv.eval()
     with torch.no_grad():
-        t_inf = timed(lambda: base_model(images, targets), device, args.warmup, args.repeat)
-        t_tv_inf = timed(lambda: tv(tv_images), device, args.warmup, args.repeat)
+        inference = timed_interleaved({"pisa": lambda: base_model(images, targets), "tv": lambda: tv(tv_images)},
+                                      device, args.warmup, args.repeat)
+    t_inf, t_tv_inf = inference["pisa"], inference["tv"]
     rows.append(("inference: pisa / torchvision", t_inf, t_tv_inf))
 
     print(f"\n{'comparison':58s} {'ms (a)':>10s} {'ms (b)':>10s} {'a/b':>7s}")
