@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.utils import draw_bounding_boxes
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from pisa.config import ConfigError, add_config_args, load_config
 from pisa.data import transforms_from_config
@@ -26,6 +24,11 @@ from pisa.engine.checkpoint import CheckpointError, load_checkpoint, load_model_
 from pisa.models import build_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+# One colour per class (label modulo the palette length), distinct enough to tell classes apart.
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+           (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128)]
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
@@ -75,15 +78,38 @@ def load_image(path: Path, transforms) -> tuple[torch.Tensor, dict[str, Any]]:
     return transforms(img, target)
 
 
+def class_colour(label: int) -> tuple[int, int, int]:
+    return PALETTE[label % len(PALETTE)]
+
+
+def draw_detections(img: Image.Image, det: dict[str, torch.Tensor], names: Sequence[str]) -> Image.Image:
+    """An RGB copy of ``img`` with each detection's box in its class colour and a filled label
+    ("name score") on the box's top edge, kept inside the image; higher scores are drawn last, so
+    they stay on top."""
+    canvas = to_rgb_image(img).copy()
+    pen = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i in torch.argsort(det["scores"]).tolist():
+        label, score = int(det["labels"][i]), float(det["scores"][i])
+        x1, y1, x2, y2 = det["boxes"][i].tolist()
+        colour = class_colour(label)
+        pen.rectangle((x1, y1, x2, y2), outline=colour, width=2)
+        text = f"{names[label]} {score:.2f}"
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        w, h = right - left + 4, bottom - top + 2
+        ty = y1 - h if y1 >= h else y1  # above the box, or inside it at the image's top edge
+        tx = max(0, min(x1, canvas.width - 1 - w))  # shifted left rather than cut at the right edge
+        pen.rectangle((tx, ty, tx + w, ty + h), fill=colour)
+        # Dark text on light colours, white on dark ones (Rec. 601 luma).
+        luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        pen.text((tx + 2 - left, ty + 1 - top), text, fill=(0, 0, 0) if luma > 140 else (255, 255, 255), font=font)
+    return canvas
+
+
 def draw(path: Path, det: dict[str, torch.Tensor], names: Sequence[str], out: Path) -> None:
     """Save a copy of ``path`` with boxes, class names and scores drawn."""
     with Image.open(path) as img:
-        pixels = torch.from_numpy(np.asarray(to_rgb_image(img)).copy()).permute(2, 0, 1)
-    drawn = pixels
-    if len(det["boxes"]):
-        labels = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"], det["scores"])]
-        drawn = draw_bounding_boxes(pixels, det["boxes"], labels=labels, width=2, colors="red")
-    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)
+        draw_detections(img, det, names).save(out)
 
 
 def to_coco(image_id: int, path: Path, det: dict[str, torch.Tensor], cat_ids: Sequence[int]) -> list[dict]:
