@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from pisa.config import add_config_args
 from pisa.engine import dist
-from pisa.engine.checkpoint import CheckpointError, load_model_weights
+from pisa.engine.checkpoint import CheckpointError, load_model_checkpoint
 from pisa.engine.inference import evaluate
 from pisa.train import RunParts, add_device_arg, build_val_parts, cli_session, resolve_config
 
@@ -45,15 +46,26 @@ def build_eval_parts(cfg: dict, info: dist.DistInfo) -> RunParts:
     return RunParts(build_model(model_cfg), None, val_loader, evaluator)
 
 
-def load_weights_strict(model: nn.Module, path: str, model_cfg: dict, trust: bool) -> None:
-    """Every model tensor must come from the checkpoint, with nothing left over."""
-    state = load_model_weights(path, model_cfg, trust=trust)
+def load_weights_strict(model: nn.Module, path: str, cfg: dict, trust: bool) -> list[str]:
+    """Every model tensor must come from the checkpoint, with nothing left over.
+
+    Returns warnings: for an mmdetection file, each test-time setting where its embedded config
+    disagrees with ``cfg`` (those change the AP it reaches here).
+    """
+    state, embedded_config = load_model_checkpoint(path, cfg["model"], trust=trust)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path} does not fit the configured model: {len(result.missing_keys)} missing "
             f"{result.missing_keys[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}; "
             "check that model.* (type, backbone, num_classes) matches the checkpoint")
+    if embedded_config is None:
+        return []
+    from pisa.models.mmdet_config import config_differences
+
+    differences, _ = config_differences(embedded_config, cfg)
+    return [f"warning: {path}'s embedded mmdetection config differs from this config in {d}; "
+            f"set it with --set to reproduce the checkpoint's own results" for d in differences]
 
 
 def default_out_dir(checkpoint: str) -> Path:
@@ -70,7 +82,10 @@ def main(argv: Sequence[str] | None = None, build: Any = build_eval_parts) -> di
     cfg = resolve_config(args, check_paths=("data.val",))  # training data need not be present
     with cli_session(cfg, args.device, (CheckpointError,)) as info:
         parts = build(cfg, info)
-        load_weights_strict(parts.model, args.checkpoint, cfg["model"], args.trust_checkpoint)
+        warnings = load_weights_strict(parts.model, args.checkpoint, cfg, args.trust_checkpoint)
+        if info.is_main:
+            for line in warnings:
+                print(line, file=sys.stderr)
         out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint)
         metrics = evaluate(parts.model.to(info.device), parts.val_loader, parts.evaluator,
                            amp=cfg["train"]["amp"], out_dir=out_dir)

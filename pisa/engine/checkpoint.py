@@ -199,6 +199,14 @@ def load_model_weights(path: str | os.PathLike, model_cfg: dict, trust: bool = F
     ``model_cfg`` is the ``model`` section of the config, which the mmdetection converter needs to
     map keys. The converter is imported only when an mmdetection file is met.
     """
+    return load_model_checkpoint(path, model_cfg, trust)[0]
+
+
+def load_model_checkpoint(path: str | os.PathLike, model_cfg: dict,
+                          trust: bool = False) -> tuple[dict[str, Any], str | None]:
+    """``(state_dict, embedded_config)``, as ``load_model_weights``; ``embedded_config`` is the config
+    text an mmdetection file carries in ``meta["config"]`` (kept as ``meta["mmdet_config"]`` by
+    ``scripts/convert_mmdet.py``), or None."""
     try:
         obj = load_checkpoint(path, trust=trust)
     except CheckpointError as err:
@@ -207,10 +215,14 @@ def load_model_weights(path: str | os.PathLike, model_cfg: dict, trust: bool = F
         # mmdetection files may hold a few known-safe non-tensor objects; the converter's reader
         # knows which, and refuses anything else with the same advice.
         obj = _via_converter(lambda convert: convert.read_mmdet_checkpoint(str(path), trust=trust))
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     if isinstance(obj.get("model"), dict):
-        return strip_module_prefix(obj["model"])
+        text = meta.get("mmdet_config")
+        return strip_module_prefix(obj["model"]), text if isinstance(text, str) else None
     if isinstance(obj.get("state_dict"), dict) and _via_converter(lambda c: c.is_mmdet_checkpoint(obj)):
-        return _via_converter(lambda c: c.convert_mmdet_state_dict(obj["state_dict"], model_cfg))
+        state = _via_converter(lambda c: c.convert_mmdet_state_dict(obj["state_dict"], model_cfg))
+        text = meta.get("config")
+        return state, text if isinstance(text, str) else None
     raise CheckpointError(f"{path} is neither a pisa checkpoint (no 'model' key) nor an mmdetection one "
                           f"(keys: {sorted(obj)[:8]})")
 

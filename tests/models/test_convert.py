@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pisa.config import load_config
+from pisa.eval import load_weights_strict
 from pisa.models import build_model
 from pisa.models.convert import (convert_mmdet_state_dict, infer_model_cfg, is_mmdet_checkpoint,
                                  mmdet_class_names, read_mmdet_checkpoint)
@@ -180,16 +181,24 @@ def _to_mmdet_name(key: str) -> str:
     return re.sub(conv_module, r"\1.conv.\4", key)  # mmdetection wraps these convs in a ConvModule
 
 
-def test_script_round_trip(tmp_path, capsys):
-    """A small ResNet-18 RetinaNet written in mmdetection layout converts back to identical weights."""
+def _small_cfg() -> dict:
     overrides = ["model.backbone.type=resnet18", "model.backbone.pretrained=null", "model.num_classes=3",
                  "model.neck.out_channels=32", "model.head.feat_channels=32", "model.head.stacked_convs=2"]
-    cfg = load_config(str(REPO / "configs/retinanet/retinanet_r50_fpn_1x_coco.yaml"), overrides, check_paths=False)
+    return load_config(str(REPO / "configs/retinanet/retinanet_r50_fpn_1x_coco.yaml"), overrides, check_paths=False)
+
+
+def _save_mmdet(path: Path, state: dict, meta: dict) -> None:
+    torch.save({"state_dict": collections.OrderedDict((_to_mmdet_name(k), v) for k, v in state.items()),
+                "meta": meta}, path)
+
+
+def test_script_round_trip(tmp_path, capsys):
+    """A small ResNet-18 RetinaNet written in mmdetection layout converts back to identical weights."""
+    cfg = _small_cfg()
     torch.manual_seed(0)
     original = build_model(cfg).state_dict()
     mmdet_file, pisa_file = tmp_path / "mmdet.pth", tmp_path / "pisa.pth"
-    torch.save({"state_dict": collections.OrderedDict((_to_mmdet_name(k), v) for k, v in original.items()),
-                "meta": _metadata()}, mmdet_file)
+    _save_mmdet(mmdet_file, original, _metadata())
     assert convert_mmdet.main([str(mmdet_file), str(pisa_file)]) == 0  # architecture inferred from the weights
     assert "resnet18 and 3 classes" in capsys.readouterr().out
     written = torch.load(pisa_file, weights_only=True)
@@ -207,3 +216,22 @@ def test_script_reports_refused_file(tmp_path, capsys):
     assert convert_mmdet.main([str(path), str(tmp_path / "out.pth")]) == 1
     assert "--trust-checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_eval_warns_where_the_embedded_config_differs(tmp_path):
+    cfg = _small_cfg()
+    model = build_model(cfg)
+    meta = dict(_metadata(), config="test_cfg = dict(score_thr=0.3, nms=dict(type='nms', iou_thr=0.5))\n"
+                                     "img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], to_rgb=True)\n")
+    path = tmp_path / "published.pth"
+    _save_mmdet(path, model.state_dict(), meta)
+    warnings = load_weights_strict(build_model(cfg), str(path), cfg, trust=False)
+    assert len(warnings) == 1  # score_thr differs; the NMS threshold, mean and to_rgb agree
+    assert str(path) in warnings[0] and "model.test.score_thr: checkpoint 0.3, config 0.05" in warnings[0]
+    converted = tmp_path / "converted.pth"  # convert_mmdet.py keeps the text as meta.mmdet_config
+    assert convert_mmdet.main([str(path), str(converted)]) == 0
+    assert load_weights_strict(build_model(cfg), str(converted), cfg, trust=False) == [
+        warnings[0].replace(str(path), str(converted))]
+    trained_here = tmp_path / "pisa.pth"
+    torch.save({"model": model.state_dict(), "meta": {}}, trained_here)
+    assert load_weights_strict(build_model(cfg), str(trained_here), cfg, trust=False) == []
