@@ -19,7 +19,7 @@ from torch import nn
 
 from pisa.config import add_config_args
 from pisa.engine import dist
-from pisa.engine.checkpoint import CheckpointError, load_model_checkpoint
+from pisa.engine.checkpoint import CheckpointError, load_model_checkpoint, shape_mismatches
 from pisa.engine.inference import evaluate
 from pisa.train import RunParts, add_device_arg, build_val_parts, cli_session, resolve_config
 
@@ -36,23 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_eval_parts(cfg: dict, info: dist.DistInfo) -> RunParts:
-    """Model (without ImageNet weights: the checkpoint supplies every weight), val loader, evaluator."""
+def build_model_for_checkpoint(cfg: dict) -> nn.Module:
+    """The configured model without ImageNet initialisation: the checkpoint supplies every weight."""
     from pisa.models import build_model
 
     model_cfg = copy.deepcopy(cfg)
     model_cfg["model"]["backbone"]["pretrained"] = None
+    return build_model(model_cfg)
+
+
+def build_eval_parts(cfg: dict, info: dist.DistInfo) -> RunParts:
+    """Model (see ``build_model_for_checkpoint``), val loader, evaluator."""
     val_loader, evaluator = build_val_parts(cfg, info)
-    return RunParts(build_model(model_cfg), None, val_loader, evaluator)
+    return RunParts(build_model_for_checkpoint(cfg), None, val_loader, evaluator)
 
 
 def load_weights_strict(model: nn.Module, path: str, cfg: dict, trust: bool) -> list[str]:
     """Every model tensor must come from the checkpoint, with nothing left over.
 
-    Returns warnings: for an mmdetection file, each test-time setting where its embedded config
-    disagrees with ``cfg`` (those change the AP it reaches here).
+    Returns warnings: for a file carrying mmdetection's config text, each test-time setting where
+    that config disagrees with ``cfg`` (those change the AP it reaches here).
     """
     state, embedded_config = load_model_checkpoint(path, cfg["model"], trust=trust)
+    mismatched = shape_mismatches(model, state)
+    if mismatched:
+        raise CheckpointError(
+            f"{path} does not fit the configured model: {len(mismatched)} tensors differ in shape "
+            f"({'; '.join(mismatched[:3])}{'; ...' if len(mismatched) > 3 else ''}); check that model.* "
+            "(backbone, num_classes, neck and head widths) matches the checkpoint")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

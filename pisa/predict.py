@@ -20,8 +20,8 @@ from pisa.config import ConfigError, add_config_args, load_config
 from pisa.data import transforms_from_config
 from pisa.data.batching import pad_images
 from pisa.data.transforms import to_rgb_image
-from pisa.engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from pisa.models import build_model
+from pisa.engine.checkpoint import CheckpointError, load_checkpoint
+from pisa.eval import build_model_for_checkpoint, load_weights_strict
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -141,8 +141,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def predict(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(args.config, args.overrides)
     files = find_images(args.inputs)
-    model = build_model(cfg)
-    model.load_state_dict(load_model_weights(args.checkpoint, cfg["model"], trust=args.trust_checkpoint))
+    model = build_model_for_checkpoint(cfg)
+    for warning in load_weights_strict(model, args.checkpoint, cfg, args.trust_checkpoint):
+        print(warning, file=sys.stderr)
     model.to(args.device).eval()
     names, cat_ids = class_info(args.checkpoint, cfg["model"]["num_classes"], args.trust_checkpoint)
     transforms = transforms_from_config(cfg["data"], train=False)

@@ -105,3 +105,38 @@ def test_set_override_reaches_built_model():
     assert model.head.cls_convs[0].in_channels == 8
     assert model.postprocessor.max_per_img == 7
     assert model.criterion.isr_p is None and model.criterion.carl is None
+
+
+@pytest.mark.parametrize("cli", ["eval", "predict"])
+def test_a_checkpoint_of_another_shape_is_a_one_line_error(cli, trained, tiny_data, tmp_path, capsys):
+    """A config that does not describe the checkpoint (here: 5 classes instead of 4) names the tensors."""
+    work, _ = trained
+    args = [CONFIG, str(work / "latest.pth")] + ([tiny_data["val_img_dir"]] if cli == "predict" else [])
+    args += [*overrides(tiny_data, work), "--set", "model.num_classes=5", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        (pisa_eval if cli == "eval" else pisa_predict).main(args)
+    assert exc.value.code in (1, 2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "head.cls_logits.weight: checkpoint [36, 16, 3, 3], model [45, 16, 3, 3]" in err
+    assert "model.*" in err
+
+
+def test_load_from_keeps_the_init_of_tensors_of_another_shape(trained, tiny_data, capsys):
+    """Fine-tuning to another class count: every tensor that fits is loaded, the classifier is not."""
+    import torch
+
+    from pisa.config import load_config
+    from pisa.models import build_model
+
+    work, _ = trained
+    sets = overrides(tiny_data, work)[1::2] + ["model.num_classes=5", f"load_from={work / 'latest.pth'}"]
+    cfg = load_config(CONFIG, sets)
+    model = build_model(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    pisa_train.load_initial_weights(model, cfg, trust=False)
+    saved = load_checkpoint(work / "latest.pth")["model"]
+    state = model.state_dict()
+    assert torch.equal(state["head.cls_logits.weight"], initial["head.cls_logits.weight"])
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("head.cls_logits."))
+    assert "skipped for another shape 2" in capsys.readouterr().out

@@ -193,6 +193,14 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
     return obj
 
 
+def shape_mismatches(model: torch.nn.Module, state: dict[str, Any]) -> list[str]:
+    """Keys that ``state`` and ``model`` share but with other shapes, as ``"key: checkpoint [..], model [..]"``
+    (``load_state_dict`` raises on those even when not strict)."""
+    own = model.state_dict()
+    return [f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}" for k, v in state.items()
+            if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+
+
 def load_model_weights(path: str | os.PathLike, model_cfg: dict, trust: bool = False) -> dict[str, Any]:
     """Model state dict from a pisa checkpoint (``model`` key) or an mmdetection one (converted).
 
