@@ -19,7 +19,8 @@ from torch import nn
 
 from pisa.config import add_config_args
 from pisa.engine import dist
-from pisa.engine.checkpoint import CheckpointError, load_model_checkpoint, shape_mismatches
+from pisa.engine.checkpoint import (CheckpointError, describe_mismatches, load_model_checkpoint,
+                                   shape_mismatches)
 from pisa.engine.inference import evaluate
 from pisa.train import RunParts, add_device_arg, build_val_parts, cli_session, resolve_config
 
@@ -62,7 +63,7 @@ def load_weights_strict(model: nn.Module, path: str, cfg: dict, trust: bool) -> 
     if mismatched:
         raise CheckpointError(
             f"{path} does not fit the configured model: {len(mismatched)} tensors differ in shape "
-            f"({'; '.join(mismatched[:3])}{'; ...' if len(mismatched) > 3 else ''}); check that model.* "
+            f"({describe_mismatches(mismatched)}); check that model.* "
             "(backbone, num_classes, neck and head widths) matches the checkpoint")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

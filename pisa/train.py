@@ -18,7 +18,8 @@ from torch import nn
 
 from pisa.config import ConfigError, add_config_args, load_config
 from pisa.engine import dist
-from pisa.engine.checkpoint import CheckpointError, load_model_weights, shape_mismatches
+from pisa.engine.checkpoint import (CheckpointError, describe_mismatches, load_model_weights,
+                                   shape_mismatches)
 from pisa.engine.logging import console
 from pisa.engine.trainer import NonFiniteLossError, Trainer, configure_determinism, seed_everything
 
@@ -117,11 +118,11 @@ def load_initial_weights(model: nn.Module, cfg: dict, trust: bool) -> None:
     state = load_model_weights(path, cfg["model"], trust=trust)
     # Fine-tuning to another class count or width: tensors of another shape keep their own init.
     mismatched = shape_mismatches(model, state)
-    state = {k: v for k, v in state.items() if k not in {m.split(":")[0] for m in mismatched}}
+    state = {k: v for k, v in state.items() if k not in mismatched}
     result = model.load_state_dict(state, strict=False)
     console(f"load_from {path}: {len(state)} tensors loaded; missing {len(result.missing_keys)} "
             f"{result.missing_keys[:5]}; unexpected {len(result.unexpected_keys)} {result.unexpected_keys[:5]}; "
-            f"skipped for another shape {len(mismatched)} {mismatched[:3]}")
+            f"skipped for another shape {len(mismatched)} ({describe_mismatches(mismatched)})")
 
 
 @contextlib.contextmanager

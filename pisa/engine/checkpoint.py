@@ -193,12 +193,18 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
     return obj
 
 
-def shape_mismatches(model: torch.nn.Module, state: dict[str, Any]) -> list[str]:
-    """Keys that ``state`` and ``model`` share but with other shapes, as ``"key: checkpoint [..], model [..]"``
+def shape_mismatches(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, str]:
+    """Keys that ``state`` and ``model`` share with other shapes -> ``"checkpoint [..], model [..]"``
     (``load_state_dict`` raises on those even when not strict)."""
     own = model.state_dict()
-    return [f"{k}: checkpoint {list(v.shape)}, model {list(own[k].shape)}" for k, v in state.items()
-            if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    return {k: f"checkpoint {list(v.shape)}, model {list(own[k].shape)}" for k, v in state.items()
+            if k in own and torch.is_tensor(v) and v.shape != own[k].shape}
+
+
+def describe_mismatches(mismatched: dict[str, str], limit: int = 3) -> str:
+    """``"key: checkpoint [..], model [..]; ..."`` for the first ``limit`` entries."""
+    shown = "; ".join(f"{k}: {v}" for k, v in list(mismatched.items())[:limit])
+    return shown + ("; ..." if len(mismatched) > limit else "")
 
 
 def load_model_weights(path: str | os.PathLike, model_cfg: dict, trust: bool = False) -> dict[str, Any]:
