@@ -231,14 +231,14 @@ def load_model_checkpoint(path: str | os.PathLike, model_cfg: dict,
         obj = _via_converter(lambda convert: convert.read_mmdet_checkpoint(str(path), trust=trust))
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     if isinstance(obj.get("model"), dict):
-        text = meta.get("mmdet_config")
-        return strip_module_prefix(obj["model"]), text if isinstance(text, str) else None
-    if isinstance(obj.get("state_dict"), dict) and _via_converter(lambda c: c.is_mmdet_checkpoint(obj)):
+        state, text = strip_module_prefix(obj["model"]), meta.get("mmdet_config")
+    elif isinstance(obj.get("state_dict"), dict) and _via_converter(lambda c: c.is_mmdet_checkpoint(obj)):
         state = _via_converter(lambda c: c.convert_mmdet_state_dict(obj["state_dict"], model_cfg))
         text = meta.get("config")
-        return state, text if isinstance(text, str) else None
-    raise CheckpointError(f"{path} is neither a pisa checkpoint (no 'model' key) nor an mmdetection one "
-                          f"(keys: {sorted(obj)[:8]})")
+    else:
+        raise CheckpointError(f"{path} is neither a pisa checkpoint (no 'model' key) nor an mmdetection one "
+                              f"(keys: {sorted(obj)[:8]})")
+    return state, text if isinstance(text, str) else None
 
 
 def _via_converter(call):
