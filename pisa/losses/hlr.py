@@ -7,6 +7,12 @@
 
 Everything is batched: ranks come from stable sorts and run-starts (cumulative maxima), never
 from Python loops over classes, GTs, groups or images. Ties are broken by the lower flat index.
+
+Compat mode (``legacy_float_keys=True``) instead reproduces the reference's ranking call for call:
+its float32 keys, laid out per class (IoU-HLR) or per image (Score-HLR) in ascending sample order,
+ranked with ``torch.sort(key, descending=True)``, which is not stable (on CPU it keeps index order
+for at most 16 elements and scrambles longer runs of ties). That mode loops over classes, groups and
+images as the reference does (defect D8); it exists for index-level comparisons with the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._checks import check_tensor
 from .focal import upcast
 
 __all__ = ["HLRRank", "iou_hlr", "gt_group_ids", "nms_match", "score_hlr"]
@@ -78,6 +85,35 @@ def _rank_in_runs(order: Tensor, keys: list[Tensor]) -> Tensor:
     return torch.empty_like(ranks_sorted).scatter_(0, order, ranks_sorted)
 
 
+def _runs(keys: list[Tensor]) -> list[Tensor]:
+    """Indices of the elements sharing each distinct value of ``keys``, one tensor per value.
+
+    Args:
+        keys: 1-D tensors of equal length ``n``, most significant first.
+
+    Returns:
+        One int64 tensor per distinct key tuple, in ascending key order; each lists its elements in
+        ascending index order (the layout of the reference's ``nonzero(label == c)`` selections).
+    """
+    n = keys[0].shape[0]
+    order = _lexsort([(key, False) for key in keys])
+    pos = torch.arange(n, device=order.device)
+    firsts = torch.nonzero(_run_starts([key[order] for key in keys]) == pos).squeeze(1)
+    sizes = torch.diff(firsts, append=firsts.new_tensor([n]))
+    return list(torch.split(order, sizes.tolist()))
+
+
+def _reference_rank(key: Tensor) -> Tensor:
+    """0-based rank of every element by ``key``, descending, with the reference's own sorting call.
+
+    ``torch.sort(descending=True)`` without ``stable=True`` on the key's device: equal keys come
+    out in whatever order that sort leaves them, exactly as in the reference. The rank is the
+    inverse of that permutation (the reference sorts the permutation a second time for it).
+    """
+    order = torch.sort(key, descending=True).indices
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+
+
 # --------------------------------------------------------------------------------------------
 # IoU-HLR (positives)
 # --------------------------------------------------------------------------------------------
@@ -101,18 +137,24 @@ def iou_hlr(labels: Tensor, groups: Tensor, ious: Tensor, legacy_float_keys: boo
     """IoU hierarchical local rank of positives (PISA §3.1; method spec §2 step 4).
 
     Args:
-        labels: ``(P,)`` int64 class of each positive.
-        groups: ``(P,)`` int64 group id (GT identity, see ``gt_group_ids``); only compared within a class.
+        labels: ``(P,)`` integer class of each positive.
+        groups: ``(P,)`` integer group id (GT identity, see ``gt_group_ids``); only compared within a
+            class.
         ious: ``(P,)`` float IoU of each positive's regressed box with its GT.
-        legacy_float_keys: rank with the reference's float32 key ``iou + n_max - local_rank`` (stable
-            sort) instead of exact lexicographic keys; differs only for near-ties (defect D9).
+        legacy_float_keys: reproduce the reference's ranking exactly (defects D9, D8): per
+            ``(class, group)`` the local rank comes from ``torch.sort(ious, descending=True)``; per
+            class the rank from ``torch.sort(key, descending=True)`` of the float32 key
+            ``iou + n_max - local_rank``; both sorts are unstable and run on the positives of that
+            group / class in ascending order, as the reference lays them out. Near-ties (closer than
+            one float32 step of the key) and exact ties then order as in the reference.
 
     Returns:
-        ``HLRRank`` with local ranks, class ranks and ``n_max``.
+        ``HLRRank`` with local ranks, class ranks and ``n_max``. By default ties go to the lower index.
     """
-    if not (labels.shape == groups.shape == ious.shape) or labels.dim() != 1:
-        raise ValueError("iou_hlr: labels, groups and ious must be 1-D of equal length, got "
-                         f"{tuple(labels.shape)}, {tuple(groups.shape)}, {tuple(ious.shape)}")
+    check_tensor("iou_hlr", "labels", labels, ("P",), "int")
+    size = {"P": labels.shape[0]}
+    check_tensor("iou_hlr", "groups", groups, ("P",), "int", size)
+    check_tensor("iou_hlr", "ious", ious, ("P",), "float", size)
     device = labels.device
     if labels.numel() == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -120,16 +162,33 @@ def iou_hlr(labels: Tensor, groups: Tensor, ious: Tensor, legacy_float_keys: boo
     ious = upcast(ious).detach()
     labels, groups = labels.long(), groups.long()
     order1 = _lexsort([(labels, False), (groups, False), (ious, True)])
-    local_rank = _rank_in_runs(order1, [labels, groups])
     # order1 is sorted by class first, so its class runs give the per-class counts.
     n_max = _rank_in_runs(order1, [labels]).max() + 1
     if legacy_float_keys:
-        key = ious.float() + (n_max - local_rank).float()
-        order2 = _lexsort([(labels, False), (key, True)])
-    else:
-        order2 = _lexsort([(labels, False), (local_rank, False), (ious, True)])
+        local_rank, rank = _reference_iou_hlr(labels, groups, ious.float(), n_max)
+        return HLRRank(local_rank=local_rank, rank=rank, n_max=n_max)
+    local_rank = _rank_in_runs(order1, [labels, groups])
+    order2 = _lexsort([(labels, False), (local_rank, False), (ious, True)])
     rank = _rank_in_runs(order2, [labels])
     return HLRRank(local_rank=local_rank, rank=rank, n_max=n_max)
+
+
+def _reference_iou_hlr(labels: Tensor, groups: Tensor, ious: Tensor, n_max: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference's IoU-HLR, call for call: ``(local_rank, rank)``, both ``(P,)`` int64.
+
+    ``ious`` is float32. Each sort sees the same tensor the reference sorts: the IoUs of one
+    ``(class, group)`` cell, then the keys of one class, members in ascending index order.
+    """
+    local_rank = torch.empty_like(labels)
+    key = torch.empty_like(ious)
+    for members in _runs([labels, groups]):
+        local = _reference_rank(ious[members])
+        local_rank[members] = local
+        key[members] = ious[members] + (n_max - local).float()  # exact integers, then one float32 add
+    rank = torch.empty_like(labels)
+    for members in _runs([labels]):
+        rank[members] = _reference_rank(key[members])
+    return local_rank, rank
 
 
 def gt_group_ids(img_inds: Tensor, gt_inds: Tensor, legacy_gt_offset: bool = False) -> Tensor:
@@ -146,9 +205,8 @@ def gt_group_ids(img_inds: Tensor, gt_inds: Tensor, legacy_gt_offset: bool = Fal
     Returns:
         ``(P,)`` int64 group ids. By default they are unique per ``(image, GT)`` pair.
     """
-    if img_inds.shape != gt_inds.shape or img_inds.dim() != 1:
-        raise ValueError("gt_group_ids: img_inds and gt_inds must be 1-D of equal length, got "
-                         f"{tuple(img_inds.shape)} and {tuple(gt_inds.shape)}")
+    check_tensor("gt_group_ids", "img_inds", img_inds, ("P",), "int")
+    check_tensor("gt_group_ids", "gt_inds", gt_inds, ("P",), "int", {"P": img_inds.shape[0]})
     img, gt = img_inds.long(), gt_inds.long()
     if gt.numel() == 0:
         return gt.clone()
@@ -211,16 +269,36 @@ def _greedy_keep(suppressed_by: Tensor, valid: Tensor) -> Tensor:
             return keep
 
 
-def _batch_index(boxes: Tensor, batch_ids: Tensor | None) -> Tensor:
+def _batch_index(boxes: Tensor, batch_ids: Tensor | None, fn: str) -> Tensor:
     if batch_ids is None:
         return torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
-    if batch_ids.shape != boxes.shape[:1]:
-        raise ValueError(f"batch_ids must have shape ({boxes.shape[0]},), got {tuple(batch_ids.shape)}")
+    check_tensor(fn, "batch_ids", batch_ids, ("V",), "int", {"V": boxes.shape[0]})
     return batch_ids.long()
 
 
-def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5,
-              batch_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _check_boxes_and_scores(fn: str, boxes: Tensor, scores: Tensor) -> None:
+    check_tensor(fn, "boxes", boxes, ("V", 4), "float")
+    check_tensor(fn, "scores", scores, ("V",), "float", {"V": boxes.shape[0]})
+
+
+def _visit_order(scores: Tensor, batch: Tensor, legacy_sort: bool) -> Tensor:
+    """Order in which ``nms_match`` visits the boxes: by batch id, then by score, descending.
+
+    By default ties go to the lower index. With ``legacy_sort`` each image's boxes (in ascending
+    index order) are ordered by ``torch.sort(scores, descending=True)`` on CPU, the unstable sort
+    of the reference's CPU-only grouping op, which receives each image's valid negatives alone.
+    """
+    if not legacy_sort:
+        return _lexsort([(batch, False), (scores, True)])
+    parts = []
+    for members in _runs([batch]):
+        by_score = torch.sort(scores[members].float().cpu(), descending=True).indices
+        parts.append(members[by_score.to(members.device)])
+    return torch.cat(parts)
+
+
+def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5, batch_ids: Tensor | None = None, *,
+              legacy_sort: bool = False) -> tuple[Tensor, Tensor]:
     """Group boxes into greedy-NMS clusters (method spec §4.2).
 
     Boxes are visited by score (descending, ties to the lower index). An unsuppressed box becomes a
@@ -231,26 +309,27 @@ def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5,
         boxes: ``(V, 4)`` float boxes ``(x1, y1, x2, y2)``.
         scores: ``(V,)`` float scores.
         iou_thr: grouping threshold.
-        batch_ids: optional ``(V,)`` int image index of each box.
+        batch_ids: optional ``(V,)`` integer image index of each box.
+        legacy_sort: visit each image's boxes in the order of ``torch.sort(scores, descending=True)``
+            on CPU (not stable), as the reference's grouping op does, instead of ties to the lower
+            index. Only boxes with exactly equal scores can be affected.
 
     Returns:
         ``group_id (V,)`` int64: groups numbered ``0..G-1`` in leader order, by (batch id, leader
-        score); ``rank_in_group (V,)`` int64: position in score order inside the group (0 = leader).
+        score); ``rank_in_group (V,)`` int64: position in visiting order inside the group (0 = leader).
     """
-    if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.shape != boxes.shape[:1]:
-        raise ValueError(f"nms_match: expected boxes (V, 4) and scores (V,), got "
-                         f"{tuple(boxes.shape)} and {tuple(scores.shape)}")
+    _check_boxes_and_scores("nms_match", boxes, scores)
     num = boxes.shape[0]
     device = boxes.device
+    batch = _batch_index(boxes, batch_ids, "nms_match")
     if num == 0:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone()
     boxes, scores = upcast(boxes).detach(), upcast(scores).detach()
-    batch = _batch_index(boxes, batch_ids)
-    order = _lexsort([(batch, False), (scores, True)])
+    order = _visit_order(scores, batch, legacy_sort)
     batch_sorted = batch[order]
     starts = _run_starts([batch_sorted])
-    pos = torch.arange(num, device=device) - starts  # position inside its image, score order
+    pos = torch.arange(num, device=device) - starts  # position inside its image, visiting order
     new_run = starts == torch.arange(num, device=device)
     run = torch.cumsum(new_run.long(), 0) - 1
     num_runs, width = int(run[-1]) + 1, int(pos.max()) + 1  # shapes of the padded layout
@@ -259,7 +338,7 @@ def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5,
     padded[run, pos] = boxes[order]
     valid = torch.zeros(num_runs, width, dtype=torch.bool, device=device)
     valid[run, pos] = True
-    # [r, b, a]: a comes before b in score order and IoU(a, b) >= thr (the IoU matrix is symmetric).
+    # [r, b, a]: a comes before b in visiting order and IoU(a, b) >= thr (the IoU matrix is symmetric).
     earlier = torch.ones(width, width, dtype=torch.bool, device=device).tril(diagonal=-1)
     suppressed_by = (_pairwise_iou(padded) >= iou_thr) & earlier & valid[:, :, None] & valid[:, None, :]
     keep = _greedy_keep(suppressed_by, valid)
@@ -271,8 +350,8 @@ def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5,
     group_of_leader = (torch.cumsum(keep.flatten().long(), 0) - 1).view(num_runs, width)
     group_sorted = group_of_leader.gather(1, leader)[run, pos]
 
-    # Elements of `order` are in score order within their image, so a stable sort by group
-    # lists each group's members in score order.
+    # Elements of `order` are in visiting order within their image, so a stable sort by group
+    # lists each group's members in that order.
     group_id = torch.empty_like(group_sorted).scatter_(0, order, group_sorted)
     by_group = order[torch.argsort(group_sorted, stable=True)]
     rank_in_group = _rank_in_runs(by_group, [group_id])
@@ -290,23 +369,35 @@ def score_hlr(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5, batch_ids: Te
         boxes: ``(V, 4)`` decoded boxes of the (valid) negatives.
         scores: ``(V,)`` maximum foreground probability of each negative.
         iou_thr: ``nms_match`` threshold.
-        batch_ids: optional ``(V,)`` image index; ranks are computed separately per image.
-        legacy_float_keys: sort by the reference's float32 key ``V_img - rank_in_group + score``
-            (descending, stable) instead of exact keys; differs only for near-ties (defect D9).
+        batch_ids: optional ``(V,)`` integer image index; ranks are computed separately per image.
+        legacy_float_keys: reproduce the reference's ranking exactly (defects D9, D8): groups from
+            ``nms_match(legacy_sort=True)``, then per image the float32 key
+            ``V_img - rank_in_group + score`` of its negatives (ascending index order, as the
+            reference lays out the image's valid negatives) ranked by
+            ``torch.sort(key, descending=True)``, which is not stable. Near-ties and exact ties
+            then order as in the reference.
 
     Returns:
-        ``(V,)`` int64 0-based Score-HLR rank within each batch id.
+        ``(V,)`` int64 0-based Score-HLR rank within each batch id. By default ties go to the lower
+        index.
     """
-    _, rank_in_group = nms_match(boxes, scores, iou_thr, batch_ids)
+    _check_boxes_and_scores("score_hlr", boxes, scores)
+    batch = _batch_index(boxes, batch_ids, "score_hlr")
+    _, rank_in_group = nms_match(boxes, scores, iou_thr, batch_ids, legacy_sort=legacy_float_keys)
     if boxes.shape[0] == 0:
         return rank_in_group
     scores = upcast(scores).detach()
-    batch = _batch_index(boxes, batch_ids)
     if legacy_float_keys:
-        _, inverse, counts = torch.unique(batch, return_inverse=True, return_counts=True)
-        count = counts[inverse]  # number of (valid) negatives in the box's image
-        key = (count - rank_in_group).float() + scores.float()
-        order = _lexsort([(batch, False), (key, True)])
-    else:
-        order = _lexsort([(batch, False), (rank_in_group, False), (scores, True)])
+        return _reference_score_hlr(scores.float(), rank_in_group, batch)
+    order = _lexsort([(batch, False), (rank_in_group, False), (scores, True)])
     return _rank_in_runs(order, [batch])
+
+
+def _reference_score_hlr(scores: Tensor, rank_in_group: Tensor, batch: Tensor) -> Tensor:
+    """The reference's Score-HLR ranking, one image at a time, with its key and its sorting call."""
+    rank = torch.empty_like(rank_in_group)
+    for members in _runs([batch]):
+        # V - g is an exact integer in float32; adding the score is the key's one rounding.
+        key = (members.shape[0] - rank_in_group[members]).float() + scores[members]
+        rank[members] = _reference_rank(key)
+    return rank
