@@ -1,13 +1,15 @@
-"""RetinaNet FPN: output shapes, the top-down pathway, P6 from C5, no ReLU before P7, init."""
+"""FPNs: RetinaNet's (shapes, top-down pathway, P6 from C5, no ReLU before P7, init) and R-CNN's
+(P2-P6 with P6 = stride-2 subsampling of P5, parity with torchvision's FPN + LastLevelMaxPool)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from pisa.models.fpn import RetinaFPN
+from pisa.models.fpn import RCNNFPN, RetinaFPN
 
 
 def _feats(channels=(8, 16, 32), sizes=((13, 17), (7, 9), (4, 5))):
@@ -73,3 +75,59 @@ def test_xavier_uniform_init():
             assert conv.weight.abs().max() <= bound
             # Uniform on [-b, b]: the std is b / sqrt(3) (not PyTorch's default kaiming-uniform a=sqrt(5)).
             assert abs(conv.weight.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def _rcnn_feats(batch=2):
+    # A 100 x 130 input gives C2 25x33, C3 13x17, C4 7x9, C5 4x5 (each stage halves, rounding up).
+    torch.manual_seed(0)
+    sizes = ((25, 33), (13, 17), (7, 9), (4, 5))
+    return [torch.randn(batch, c, h, w) for c, (h, w) in zip((4, 8, 16, 32), sizes)]
+
+
+def test_rcnn_fpn_shapes_and_p6_subsamples_p5():
+    fpn = RCNNFPN([4, 8, 16, 32], out_channels=6)
+    outs = fpn(_rcnn_feats())
+    # P6 = max_pool(kernel 1, stride 2) of the 4x5 P5: ceil -> 2x3.
+    assert [tuple(o.shape) for o in outs] == [(2, 6, 25, 33), (2, 6, 13, 17), (2, 6, 7, 9), (2, 6, 4, 5),
+                                             (2, 6, 2, 3)]
+    # A kernel-1 max-pool is plain subsampling: rows/columns 0, 2, 4, ... of P5, negatives included.
+    assert torch.equal(outs[4], outs[3][..., ::2, ::2])
+    assert (outs[4] < 0).any()
+    assert [name for name, _ in fpn.named_parameters()] == [
+        f"{kind}.{i}.{p}" for kind in ("lateral_convs", "output_convs") for i in range(4) for p in ("weight", "bias")]
+
+
+def test_rcnn_fpn_matches_torchvision_fpn_with_copied_weights():
+    """torchvision's FeaturePyramidNetwork + LastLevelMaxPool is the same architecture (nearest upsampling
+    to the exact size, 3x3 output convs, P6 = max_pool2d(P5, 1, 2)); only the module names differ."""
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    torch.manual_seed(1)
+    ours = RCNNFPN([4, 8, 16, 32], out_channels=6)
+    theirs = FeaturePyramidNetwork([4, 8, 16, 32], 6, extra_blocks=LastLevelMaxPool())
+    with torch.no_grad():
+        for i in range(4):
+            for p in ("weight", "bias"):
+                getattr(theirs.inner_blocks[i][0], p).copy_(getattr(ours.lateral_convs[i], p).data.normal_())
+                getattr(theirs.layer_blocks[i][0], p).copy_(getattr(ours.output_convs[i], p).data.normal_())
+    feats = _rcnn_feats()
+    expected = list(theirs({str(i): f for i, f in enumerate(feats)}).values())
+    outs = ours(feats)
+    assert len(outs) == len(expected) == 5
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rcnn_fpn_xavier_init_and_input_count_error():
+    torch.manual_seed(0)
+    fpn = RCNNFPN([256, 512, 1024, 2048], out_channels=256)
+    for conv in fpn.modules():
+        if isinstance(conv, nn.Conv2d):
+            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            assert conv.bias.abs().max() == 0 and conv.weight.abs().max() <= bound
+            assert abs(conv.weight.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+    with pytest.raises(ValueError, match="4 input maps"):
+        fpn([torch.zeros(1, 512, 4, 4)] * 3)
