@@ -1,0 +1,91 @@
+"""Multi-scale RoIAlign for the R-CNN heads: pick one FPN level per RoI by its size, pool there (§7.3).
+
+The reference (mmdetection v2's single-level RoI extractor with mmcv RoIAlign) maps an RoI of width
+``w`` and height ``h`` to level ``floor(log2(sqrt(w·h) / 56 + 1e-6))``, clamped to P2..P5, and pools it
+with ``aligned=True`` (a −0.5 pixel shift of the sampling grid), ``sampling_ratio=0`` (adaptive:
+``ceil(roi_size / output_size)`` samples per bin) and average pooling. That pooling is exactly
+``torchvision.ops.roi_align(..., aligned=True, sampling_ratio=0)`` with ``spatial_scale = 1 / stride``.
+
+torchvision's own ``MultiScaleRoIAlign`` differs: ``aligned=False``, scales inferred from the feature
+and image sizes (rounded to powers of 2) and the ``1e-6`` added after the ``log2``; it is not used here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+__all__ = ["map_roi_levels", "MultiScaleRoIAlign"]
+
+
+def map_roi_levels(rois: Tensor, num_levels: int = 4, finest_scale: float = 56.0) -> Tensor:
+    """The pyramid level each RoI is pooled from.
+
+    Args:
+        rois: ``(R, 4)`` xyxy boxes in input-image pixels.
+        num_levels: number of pooled levels (4 for P2..P5).
+        finest_scale: ``sqrt(w·h)`` at which an RoI moves from level 0 to level 1 is ``2·finest_scale``.
+
+    Returns:
+        int64 ``(R,)`` in ``0..num_levels−1``: ``floor(log2(sqrt(w·h) / finest_scale + 1e-6))``, clamped.
+        With the defaults, ``sqrt(w·h) < 112`` → 0 (P2), ``[112, 224)`` → 1, ``[224, 448)`` → 2, else 3.
+    """
+    if rois.dim() != 2 or rois.shape[1] != 4:
+        raise ValueError(f"map_roi_levels: rois must be (R, 4) xyxy boxes, got {tuple(rois.shape)}")
+    boxes = rois.float()
+    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return levels.clamp(min=0, max=num_levels - 1).long()
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over FPN levels, each RoI on the level chosen by :func:`map_roi_levels`. No parameters.
+
+    Args:
+        output_size: side of the pooled grid (7 for the box head, 14 for the mask head).
+        strides: stride of each pooled level, finest first (P2..P5: 4, 8, 16, 32).
+        sampling_ratio: samples per bin side; 0 means adaptive, as the reference.
+        finest_scale: see :func:`map_roi_levels`.
+
+    ``forward(features, rois)``: ``features`` holds at least ``len(strides)`` maps ``(B, C, H_l, W_l)``,
+    finest first; coarser extra maps (P6, which only the RPN uses) are ignored. ``rois`` is ``(R, 5)``
+    float ``[batch_idx, x1, y1, x2, y2]`` in input-image pixels. Returns ``(R, C, out, out)`` in the
+    order of ``rois`` (one ``roi_align`` call per level that has RoIs), with the features' dtype.
+    """
+
+    def __init__(self, output_size: int, strides: Sequence[int] = (4, 8, 16, 32), sampling_ratio: int = 0,
+                 finest_scale: float = 56.0) -> None:
+        super().__init__()
+        self.output_size = int(output_size)
+        self.strides = list(strides)
+        self.sampling_ratio = int(sampling_ratio)
+        self.finest_scale = float(finest_scale)
+
+    def forward(self, features: Sequence[Tensor], rois: Tensor) -> Tensor:
+        num_levels = len(self.strides)
+        if len(features) < num_levels:
+            raise ValueError(f"MultiScaleRoIAlign: {len(features)} feature maps for {num_levels} strides "
+                             f"{self.strides}; pass P2..P5 (finest first)")
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(f"MultiScaleRoIAlign: rois must be (R, 5) [batch_idx, x1, y1, x2, y2], "
+                             f"got {tuple(rois.shape)}")
+        levels = map_roi_levels(rois[:, 1:], num_levels, self.finest_scale)
+        channels = features[0].shape[1]
+        out = features[0].new_zeros((rois.shape[0], channels, self.output_size, self.output_size))
+        for level, (feature, stride) in enumerate(zip(features, self.strides)):
+            inds = torch.nonzero(levels == level).squeeze(1)
+            if inds.numel() == 0:
+                continue
+            # roi_align needs one dtype; never round the boxes to half precision.
+            dtype = torch.promote_types(feature.dtype, rois.dtype)
+            pooled = roi_align(feature.to(dtype), rois[inds].to(dtype), self.output_size,
+                               spatial_scale=1.0 / stride, sampling_ratio=self.sampling_ratio, aligned=True)
+            out = out.index_copy(0, inds, pooled.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, strides={self.strides}, sampling_ratio={self.sampling_ratio}, "
+                f"finest_scale={self.finest_scale}")
