@@ -100,7 +100,7 @@ def _nonzero(mask: Tensor) -> Tensor:
 
 
 def _negative_budget(num: int, num_pos: int, neg_pos_ub: float) -> int:
-    """Negatives wanted: ``num − num_pos``, capped at ``int(neg_pos_ub · max(num_pos, 1))`` if ``neg_pos_ub ≥ 0``."""
+    """Negatives wanted: ``num − num_pos``, at most ``int(neg_pos_ub · max(num_pos, 1))`` if it is ``≥ 0``."""
     budget = num - num_pos
     if neg_pos_ub >= 0:
         budget = min(budget, int(neg_pos_ub * max(num_pos, 1)))

@@ -117,7 +117,8 @@ def test_t7_with_positives_and_ignored_candidates():
     ignored = torch.tensor([[500.0, 500, 510, 510]])
     candidates = torch.cat([pos_boxes[:1], T7_BOXES, ignored, pos_boxes[1:]])
     assign = assignment([1] + [0] * 9 + [-1] + [1])
-    (result,) = hlr_sampler(num=7, pos_fraction=0.5).sample_batch([assign], [candidates], scorer=t7_scorer(torch.cat([pos_boxes, ignored])))
+    scorer = t7_scorer(torch.cat([pos_boxes, ignored]))
+    (result,) = hlr_sampler(num=7, pos_fraction=0.5).sample_batch([assign], [candidates], scorer=scorer)
     assert result.pos_inds.tolist() == [0, 11]
     assert result.neg_inds.tolist() == [1 + i for i in [0, 2, 6, 1, 4]]
     assert result.inds.tolist() == [0, 11, 1, 3, 7, 2, 5]
@@ -166,7 +167,8 @@ def test_more_than_128_positives_take_a_random_128_in_draw_order():
     (result,) = hlr_sampler().sample_batch([assignment(gt_inds)], [boxes], scorer=scorer,
                                            generator=torch.Generator().manual_seed(7))
     # The positives are candidates 50..249; the sampler's first draw is a randperm of them.
-    expected = (torch.arange(num_pos) + num_neg)[torch.randperm(num_pos, generator=torch.Generator().manual_seed(7))[:128]]
+    first_draw = torch.randperm(num_pos, generator=torch.Generator().manual_seed(7))[:128]
+    expected = (torch.arange(num_pos) + num_neg)[first_draw]
     assert result.pos_inds.tolist() == expected.tolist()
     # n_exp = min(50, 512 - 128): every negative is taken.
     assert sorted(result.neg_inds.tolist()) == list(range(num_neg))
@@ -278,7 +280,8 @@ def test_scorer_errors_name_the_expected_shapes():
     with pytest.raises(ValueError, match="needs scorer"):
         sampler.sample_batch([assignment([0])], [T7_BOXES[:1]])
     with pytest.raises(ValueError, match=r"expected \(1, 4\)"):
-        sampler.sample_batch([assignment([0])], [T7_BOXES[:1]], scorer=lambda r: (torch.zeros(1, 2), torch.zeros(1, 12)))
+        sampler.sample_batch([assignment([0])], [T7_BOXES[:1]],
+                             scorer=lambda r: (torch.zeros(1, 2), torch.zeros(1, 12)))
     with pytest.raises(ValueError, match=r"expected \(1, 12\)"):
         sampler.sample_batch([assignment([0])], [T7_BOXES[:1]], scorer=lambda r: (torch.zeros(1, 4), torch.zeros(1, 8)))
 
