@@ -84,7 +84,7 @@ def _draw_device(generator: torch.Generator | None, fallback: torch.device) -> t
     return generator.device if generator is not None else fallback
 
 
-def random_subset(inds: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+def _random_subset(inds: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
     """``num`` entries of ``inds`` drawn uniformly without replacement, in draw order.
 
     With at most ``num`` entries, all of them are returned in their given order and nothing is drawn.
@@ -132,7 +132,7 @@ def _check_batch(name: str, assigns: Sequence[AssignResult], candidates: Sequenc
 
 def _sample_positives(assign: AssignResult, quota: int, generator: torch.Generator | None) -> Tensor:
     """All positives in ascending candidate order if at most ``quota``, else a random ``quota`` in draw order."""
-    return random_subset(_nonzero(assign.pos_mask), quota, generator)
+    return _random_subset(_nonzero(assign.pos_mask), quota, generator)
 
 
 def _ones(count: int, device: torch.device) -> Tensor:
@@ -173,7 +173,7 @@ class RandomSampler:
     def _sample_image(self, assign: AssignResult, generator: torch.Generator | None) -> SampleResult:
         pos = _sample_positives(assign, int(self.num * self.pos_fraction), generator)
         budget = _negative_budget(self.num, pos.numel(), self.neg_pos_ub)
-        neg = random_subset(_nonzero(assign.neg_mask), budget, generator)
+        neg = _random_subset(_nonzero(assign.neg_mask), budget, generator)
         return SampleResult(pos, neg, _ones(neg.numel(), neg.device))
 
 
