@@ -156,8 +156,58 @@ _DATASETS = {
     }, "embedded demo data (generated once, COCO format)"),
 }
 
+# PAA (method doc §8.1): the mmdetection v2 head's settings are the defaults.
+PAA = Section({
+    "num_classes": RETINANET.keys["num_classes"],
+    "backbone": RETINANET.keys["backbone"],
+    "neck": Section({"out_channels": _int(256, "FPN channels", min=1)}, "FPN P3-P7, P6 from the P5 output"),
+    "head": Section({
+        "feat_channels": _int(256, "channels of the conv towers", min=1),
+        "stacked_convs": _int(4, "conv + GroupNorm + ReLU layers per tower", min=0),
+        "norm_groups": _int(32, "GroupNorm groups (must divide feat_channels)", min=1),
+        "prior_prob": _num(0.01, "initial foreground probability of the classifier", min=0.0, max=1.0,
+                           exclusive=True),
+    }, "classification and box towers (GN), IoU branch on the box tower"),
+    "anchors": Section({
+        "strides": _list(Key(("int",), min=1), [8, 16, 32, 64, 128], "stride of each FPN level"),
+        "octave_base_scale": _num(8.0, "anchor size at a level = stride * this", min=0.0, exclusive=True),
+        "scales_per_octave": _int(1, "scales per location (PAA: 1)", min=1),
+        "ratios": _list(Key(("float",), min=0.0, exclusive=True), [1.0], "aspect ratios h/w (PAA: one)"),
+    }, "anchor generator: one anchor per location"),
+    "coder": Section({
+        "means": _list(Key(("float",)), [0.0] * 4, "delta means (dx, dy, dw, dh)", length=4),
+        "stds": _list(Key(("float",), min=0.0, exclusive=True), [0.1, 0.1, 0.2, 0.2], "delta stds", length=4),
+    }, "box delta coder (predictions are decoded for the GIoU loss)"),
+    "assigner": Section({
+        "pos_iou_thr": _num(0.1, "IoU at or above which an anchor is an initial positive", **_PROB),
+        "neg_iou_thr": _num(0.1, "IoU below which an anchor is negative", **_PROB),
+        "min_pos_iou": _num(0.0, "least IoU for a low-quality match", **_PROB),
+        "match_low_quality": _flag(True, "give each GT its best anchors even below pos_iou_thr"),
+        "ignore_iof_thr": _num(-1.0, ">0: ignore anchors covered by a crowd box beyond this IoF"),
+    }, "initial max-IoU assignment (the candidates of the GMM)"),
+    "paa": Section({
+        "topk": _int(9, "lowest-cost candidates per GT and level", min=1),
+        "tol": _num(1e-3, "EM convergence threshold on the mean log-likelihood", min=0.0),
+        "max_iter": _int(100, "EM iteration limit", min=1),
+        "reg_covar": _num(1e-6, "variance floor of the mixture components", min=0.0),
+    }, "probabilistic anchor assignment (two-component GMM per GT)"),
+    "loss_cls": RETINANET.keys["loss_cls"],
+    "loss_bbox": Section({"weight": _num(1.3, "GIoU loss weight (also in the anchor cost)", min=0.0)},
+                         "GIoU loss on decoded boxes, weighted by the IoU target"),
+    "loss_iou": Section({"weight": _num(0.5, "IoU-branch BCE weight", min=0.0)},
+                        "sigmoid BCE of the IoU branch against the decoded box's IoU"),
+    "test": Section({
+        "nms_pre": _int(1000, "top anchors per level kept before NMS", min=1),
+        "score_thr": _num(0.05, "least score sqrt(cls * iou) of a detection", **_PROB),
+        "nms_iou": _num(0.6, "NMS IoU threshold", **_PROB),
+        "max_per_img": _int(100, "detections kept per image", min=1),
+        "score_voting": _flag(True, "refine each kept box by score voting"),
+    }, "inference post-processing"),
+    "allow_pisa": _flag(False, "experimental, unpublished: accept a pisa: block (ISR-P on PAA's positives)"),
+}, "PAA (Kim & Lee, ECCV 2020)")
+
 SCHEMA = Section({
-    "model": Variants({"retinanet": RETINANET}, "the detector"),
+    "model": Variants({"retinanet": RETINANET, "paa": PAA}, "the detector"),
     "pisa": Section({
         "isr_p": Section({"k": _num(2.0, "exponent of the importance weight", min=0.0),
                           "bias": _num(0.0, "weight floor", **_PROB)},

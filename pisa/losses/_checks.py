@@ -12,7 +12,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["check_tensor", "Dim", "Shape"]
+__all__ = ["check_tensor", "check_num_classes", "Dim", "Shape"]
 
 # A dimension is a fixed size (int), a named size (str, e.g. "N") or any size (None).
 Dim = Union[int, str, None]
@@ -42,7 +42,7 @@ def _matches(actual: tuple[int, ...], shape: Shape, sizes: dict[str, int]) -> bo
 
 
 def check_tensor(fn: str, name: str, value: object, shape: Shape | list[Shape] | None, kind: str = "any",
-                 sizes: dict[str, int] | None = None) -> None:
+                 sizes: dict[str, int] | None = None, hint: str = "") -> None:
     """Raise if ``value`` is not a tensor of one of the given shapes and of the given dtype kind.
 
     Args:
@@ -53,6 +53,7 @@ def check_tensor(fn: str, name: str, value: object, shape: Shape | list[Shape] |
             dimensions take their size from ``sizes`` when it holds the name, else any size.
         kind: ``"float"``, ``"int"`` (integer dtypes, not bool) or ``"any"``.
         sizes: sizes of named dimensions fixed by earlier arguments (e.g. ``{"N": 10}``).
+        hint: appended to the message, e.g. which setting decides the expected shape.
 
     Raises:
         TypeError: ``value`` is not a tensor, or its dtype is of another kind.
@@ -61,15 +62,25 @@ def check_tensor(fn: str, name: str, value: object, shape: Shape | list[Shape] |
     sizes = sizes or {}
     alternatives = [] if shape is None else (shape if isinstance(shape, list) else [shape])
     kind_text, kind_ok = _KINDS[kind]
-    expected = " or ".join(_format_shape(s) for s in alternatives) or "any shape"
+    expected = " or ".join(_format_shape(s) for s in alternatives)
     named = sorted({d for s in alternatives for d in s if isinstance(d, str) and d in sizes})
     if named:
         expected += " with " + ", ".join(f"{d} = {sizes[d]}" for d in named)
-    wanted = f"{fn}: {name} must have shape {expected} and {kind_text} dtype"
+    if alternatives:
+        wanted = f"{fn}: {name} must have shape {expected} and {kind_text} dtype"
+    else:
+        wanted = f"{fn}: {name} must be a tensor of {kind_text} dtype"
     if not isinstance(value, Tensor):
         raise TypeError(f"{wanted}; got a {type(value).__name__}, not a tensor")
-    got = f"; got shape {tuple(value.shape)}, dtype {value.dtype}"
+    got = f"; got shape {tuple(value.shape)}, dtype {value.dtype}" + (f" ({hint})" if hint else "")
     if alternatives and not any(_matches(tuple(value.shape), s, sizes) for s in alternatives):
         raise ValueError(wanted + got)
     if not kind_ok(value.dtype):
         raise TypeError(wanted + got)
+
+
+def check_num_classes(fn: str, num_classes: object) -> None:
+    """Raise ``ValueError`` unless ``num_classes`` (``C``, foreground classes) is an int ``>= 1``."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{fn}: num_classes must be the number of foreground classes C, an int >= 1 "
+                         f"(background is label C); got {num_classes!r}")

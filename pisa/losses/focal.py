@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_tensor
+
 __all__ = ["sigmoid_focal_loss", "softmax_cross_entropy"]
 
 
@@ -24,11 +26,9 @@ def upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _check_labels(labels: Tensor, n: int, where: str) -> None:
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{where}: labels must have shape ({n},), got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point:
-        raise TypeError(f"{where}: labels must be an integer tensor (int64), got {labels.dtype}")
+def _check_inputs(fn: str, logits: Tensor, labels: Tensor, columns: str) -> None:
+    check_tensor(fn, "logits", logits, ("N", columns), "float")
+    check_tensor(fn, "labels", labels, ("N",), "int", {"N": logits.shape[0]})
 
 
 def sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -45,9 +45,7 @@ def sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamm
         ``(N, C)`` float32 loss: ``-alpha (1-p)^gamma log p`` in the label's column and
         ``-(1-alpha) p^gamma log(1-p)`` in every other column.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"sigmoid_focal_loss: logits must be (N, C), got shape {tuple(logits.shape)}")
-    _check_labels(labels, logits.shape[0], "sigmoid_focal_loss")
+    _check_inputs("sigmoid_focal_loss", logits, labels, "C")
     x = upcast(logits)
     num_classes = x.shape[1]
     # One-hot by comparison: the background label C matches no column, so its row is all zeros.
@@ -72,7 +70,5 @@ def softmax_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         ``(N,)`` float32 loss ``-log softmax(logits)[label]``.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"softmax_cross_entropy: logits must be (N, C+1), got shape {tuple(logits.shape)}")
-    _check_labels(labels, logits.shape[0], "softmax_cross_entropy")
+    _check_inputs("softmax_cross_entropy", logits, labels, "C + 1")
     return F.cross_entropy(upcast(logits), labels, reduction="none")

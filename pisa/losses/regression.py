@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_tensor
 from .focal import upcast
 
 __all__ = ["smooth_l1_loss", "l1_loss", "aligned_box_iou"]
 
 
 def _check_same_shape(pred: Tensor, target: Tensor, where: str) -> None:
-    if pred.shape != target.shape:
-        raise ValueError(f"{where}: pred and target must have the same shape, got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    check_tensor(where, "pred", pred, None, "float")
+    check_tensor(where, "target", target, tuple(pred.shape), "float", hint="the shape of pred")
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0) -> Tensor:
@@ -53,8 +53,8 @@ def aligned_box_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         ``(P,)`` float32 IoU, no ``+1`` in widths.
     """
-    if a.dim() != 2 or a.shape[-1] != 4 or a.shape != b.shape:
-        raise ValueError(f"aligned_box_iou: expected two (P, 4) tensors, got {tuple(a.shape)} and {tuple(b.shape)}")
+    check_tensor("aligned_box_iou", "a", a, ("P", 4), "float")
+    check_tensor("aligned_box_iou", "b", b, ("P", 4), "float", {"P": a.shape[0]})
     a, b = upcast(a), upcast(b)
     lt = torch.maximum(a[:, :2], b[:, :2])
     rb = torch.minimum(a[:, 2:], b[:, 2:])

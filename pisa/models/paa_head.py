@@ -1,0 +1,270 @@
+"""PAA head (GN towers, IoU branch, per-level scales) and its criterion with the probabilistic
+anchor assignment (Kim & Lee, ECCV 2020; method doc §8.1, following the mmdetection v2 head).
+
+Dense tensors are flattened image -> level -> row -> column (one anchor per location), class or
+coordinate channel innermost, as everywhere in pisa (method doc §5.1). Labels: ``0..C-1`` foreground,
+``C`` background.
+
+Assignment, batched over every GT of the batch (the only loop is over images, for the max-IoU step):
+
+1. max-IoU with pos 0.1 / neg 0.1 / min_pos 0 gives the initial positives;
+2. their cost, without gradient: ``cls_weight · Σ_classes focal + giou_weight · (1 − GIoU)`` of the
+   decoded prediction and its GT;
+3. each GT keeps up to ``topk`` (9) lowest-cost initial positives per level; their sorted costs form one
+   row of a padded ``(#GT, levels · topk)`` tensor on which a two-component GMM is fitted by batched EM
+   (:mod:`pisa.models.gmm`); the positives are the cut of :func:`pisa.models.gmm.gmm_positive_cut`;
+4. every other initial positive becomes background (label weight 1, no box loss); there is no ignore.
+
+Where the original PAA code and the method doc differ, the doc is followed: a GT with fewer than 2
+candidates gets no positive (the original code keeps a single one), and a GT whose mixture has no
+foreground gets no positive (the original code makes all its candidates positive).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pisa.losses import aligned_box_iou, isr_p, sigmoid_focal_loss
+from pisa.models.gmm import fit_two_component_gmm, gmm_positive_cut
+from pisa.models.retina_head import RetinaNetLoss, flatten_levels, level_anchors
+
+__all__ = ["PAAHead", "PAALoss", "PAASettings", "aligned_giou", "select_candidates", "paa_assign"]
+
+
+class ConvGNReLU(nn.Module):
+    """conv3x3 (no bias) + GroupNorm + ReLU; attribute names ``conv`` / ``gn`` as in the reference."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int) -> None:
+        super().__init__()
+        if out_channels % num_groups:
+            raise ValueError(f"model.head.norm_groups ({num_groups}) must divide model.head.feat_channels "
+                             f"({out_channels})")
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(num_groups, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.gn(self.conv(x)))
+
+
+class PAAHead(nn.Module):
+    """Two GN towers shared across levels; one anchor per location.
+
+    Args:
+        num_classes: ``C`` (sigmoid, no background column).
+        in_channels: channels of every FPN level.
+        feat_channels, stacked_convs, norm_groups: tower width, depth and GroupNorm groups (256, 4, 32).
+        num_levels: FPN levels, one learnable regression scale (init 1) each.
+        prior_prob: classifier bias ``−log((1 − p)/p)``.
+
+    ``forward(feats)`` returns per level ``(B, C, H, W)`` class logits, ``(B, 4, H, W)`` deltas
+    (already multiplied by the level's scale) and ``(B, 1, H, W)`` IoU logits (from the regression tower).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 4,
+                 num_levels: int = 5, norm_groups: int = 32, prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        widths = [in_channels] + [feat_channels] * stacked_convs
+        pairs = list(zip(widths[:-1], widths[1:]))
+        self.cls_convs = nn.ModuleList(ConvGNReLU(i, o, norm_groups) for i, o in pairs)
+        self.reg_convs = nn.ModuleList(ConvGNReLU(i, o, norm_groups) for i, o in pairs)
+        self.cls_logits = nn.Conv2d(widths[-1], num_classes, 3, padding=1)
+        self.bbox_reg = nn.Conv2d(widths[-1], 4, 3, padding=1)
+        self.iou_pred = nn.Conv2d(widths[-1], 1, 3, padding=1)
+        self.scales = nn.ParameterList(nn.Parameter(torch.tensor(1.0)) for _ in range(num_levels))
+        self.reset_parameters(prior_prob)
+
+    def reset_parameters(self, prior_prob: float) -> None:
+        """Normal(0, 0.01) conv weights, zero biases, classifier bias from the prior (reference init)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        if len(feats) != len(self.scales):
+            raise ValueError(f"PAAHead has {len(self.scales)} level scales but got {len(feats)} feature maps")
+        cls_scores, bbox_preds, iou_preds = [], [], []
+        for feat, scale in zip(feats, self.scales):
+            cls_feat, reg_feat = feat, feat
+            for conv in self.cls_convs:
+                cls_feat = conv(cls_feat)
+            for conv in self.reg_convs:
+                reg_feat = conv(reg_feat)
+            cls_scores.append(self.cls_logits(cls_feat))
+            bbox_preds.append(scale * self.bbox_reg(reg_feat))
+            iou_preds.append(self.iou_pred(reg_feat))
+        return cls_scores, bbox_preds, iou_preds
+
+
+def aligned_giou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
+    """Generalised IoU of row-aligned ``(P, 4)`` xyxy pairs, ``(P,)`` float32 in ``[−1, 1]``.
+
+    ``GIoU = IoU − (E − U) / E`` with ``U`` the union and ``E`` the smallest enclosing box's area; both
+    clamped to ``eps`` as the reference does.
+    """
+    a, b = a.float(), b.float()
+    inter_wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = (area_a + area_b - inter).clamp(min=eps)
+    enclose_wh = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0)
+    enclose = (enclose_wh[:, 0] * enclose_wh[:, 1]).clamp(min=eps)
+    return inter / union - (enclose - union) / enclose
+
+
+@dataclass
+class Candidates:
+    """Each GT's PAA candidates, sorted by ascending cost: ``(R, K)`` rows, ``K = levels · topk``.
+
+    costs: float64 (``inf`` at padding); index: int64 position into the initial positives (``−1`` at
+    padding); mask: bool, True where a candidate is.
+    """
+
+    costs: Tensor
+    index: Tensor
+    mask: Tensor
+
+
+def select_candidates(costs: Tensor, rows: Tensor, levels: Tensor, num_rows: int, num_levels: int,
+                      topk: int = 9) -> Candidates:
+    """Up to ``topk`` lowest-cost samples per (row, level), gathered into sorted padded rows.
+
+    Args:
+        costs: ``(P,)`` cost of each initial positive.
+        rows: int64 ``(P,)`` its GT's row in ``0..num_rows-1`` (GTs of all images numbered together).
+        levels: int64 ``(P,)`` its FPN level in ``0..num_levels-1``.
+
+    Two stable sorts (by cost, then by row·levels + level) rank the samples inside each (row, level)
+    group; no loop over GTs or levels. Equal costs keep the lower index first.
+    """
+    count = costs.shape[0]
+    order = torch.argsort(costs, stable=True)
+    group = rows * num_levels + levels
+    order = order[torch.argsort(group[order], stable=True)]
+    sorted_group = group[order]
+    rank = torch.arange(count, device=costs.device) - torch.searchsorted(sorted_group, sorted_group)
+    chosen = order[rank < topk]
+    slot = levels[chosen] * topk + rank[rank < topk]
+    width = num_levels * topk
+    values = costs.new_full((num_rows, width), math.inf, dtype=torch.float64)
+    index = torch.full((num_rows, width), -1, dtype=torch.int64, device=costs.device)
+    values[rows[chosen], slot] = costs[chosen].double()
+    index[rows[chosen], slot] = chosen
+    values, perm = values.sort(dim=1, stable=True)
+    index = index.gather(1, perm)
+    return Candidates(values, index, index >= 0)
+
+
+@dataclass(frozen=True)
+class PAASettings:
+    """``model.paa``: candidates per level and the EM settings (scikit-learn's defaults)."""
+
+    topk: int = 9
+    tol: float = 1e-3
+    max_iter: int = 100
+    reg_covar: float = 1e-6
+
+
+def paa_assign(costs: Tensor, rows: Tensor, levels: Tensor, num_rows: int, num_levels: int,
+               settings: PAASettings = PAASettings()) -> Tensor:
+    """bool ``(P,)``: which initial positives stay positive after PAA (steps 3 of the module doc)."""
+    cand = select_candidates(costs, rows, levels, num_rows, num_levels, settings.topk)
+    fit = fit_two_component_gmm(cand.costs, cand.mask, tol=settings.tol, max_iter=settings.max_iter,
+                                reg_covar=settings.reg_covar)
+    keep = gmm_positive_cut(fit, cand.mask)
+    positive = torch.zeros(costs.shape[0], dtype=torch.bool, device=costs.device)
+    positive[cand.index[keep]] = True
+    return positive
+
+
+class PAALoss(RetinaNetLoss):
+    """PAA's criterion: focal + GIoU + IoU-branch BCE over the PAA positives. Holds no parameters.
+
+    Args:
+        num_classes, anchor_generator, coder, assigner: as :class:`RetinaNetLoss`; PAA's assigner is
+            ``MaxIoUAssigner(0.1, 0.1, 0.0)`` and its coder has stds ``(0.1, 0.1, 0.2, 0.2)``.
+        focal_alpha, focal_gamma, cls_weight: focal loss (0.25, 2, 1).
+        giou_weight: weight of the GIoU loss, also used in the cost (1.3).
+        iou_weight: weight of the IoU-branch BCE (0.5).
+        paa: candidate and EM settings.
+        isr_p: experimental only (``model.allow_pisa``): ISR-P reweights the PAA positives' focal
+            weights, as in PISA RetinaNet. Not a published combination.
+
+    ``forward(cls_scores, bbox_preds, iou_preds, targets)`` returns ``loss_cls`` (focal over all valid
+    anchors × classes / ``max(#pos, #images)``), ``loss_bbox`` (``giou_weight · Σ IoU_i (1 − GIoU_i) /
+    Σ IoU_i`` with ``IoU_i`` the detached decoded prediction's IoU with its GT, clamped ≥ 1e-12) and
+    ``loss_iou`` (``iou_weight · Σ BCE(iou_logit_i, IoU_i) / #pos``). Without positives both box terms are
+    exact zeros attached to the regression branch.
+    """
+
+    def __init__(self, num_classes: int, anchor_generator, coder, assigner, *, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0, cls_weight: float = 1.0, giou_weight: float = 1.3,
+                 iou_weight: float = 0.5, paa: PAASettings = PAASettings(), isr_p=None,
+                 pad_divisor: int = 32) -> None:
+        super().__init__(num_classes, anchor_generator, coder, assigner, focal_alpha=focal_alpha,
+                         focal_gamma=focal_gamma, cls_weight=cls_weight, isr_p=isr_p, pad_divisor=pad_divisor)
+        self.giou_weight, self.iou_weight, self.paa = giou_weight, iou_weight, paa
+
+    def _matched_gt_boxes(self, targets: list[dict], gt_inds: Tensor, img_inds: Tensor) -> tuple[Tensor, Tensor]:
+        """GT boxes ``(P, 4)`` and batch-wide GT rows ``(P,)`` of positives given by image + local index."""
+        counts = torch.tensor([t["boxes"].shape[0] for t in targets], device=gt_inds.device)
+        offsets = torch.cumsum(counts, 0) - counts
+        rows = offsets[img_inds] + gt_inds
+        boxes = torch.cat([t["boxes"].to(device=gt_inds.device, dtype=torch.float32) for t in targets])
+        return boxes.reshape(-1, 4)[rows], rows
+
+    @torch.no_grad()
+    def anchor_costs(self, logits: Tensor, labels: Tensor, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+        """``(P,)`` cost of positives: weighted focal summed over classes + weighted GIoU loss."""
+        focal = sigmoid_focal_loss(logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma).sum(1)
+        return self.cls_weight * focal + self.giou_weight * (1 - aligned_giou(boxes, gt_boxes))
+
+    def forward(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], iou_preds: list[Tensor],
+                targets: list[dict]) -> dict[str, Tensor]:
+        feature_sizes, anchors_per_level = level_anchors(self.anchor_generator, cls_scores)
+        t = self.get_targets(anchors_per_level, feature_sizes, targets)
+        C = self.num_classes
+        logits = flatten_levels(cls_scores, C).reshape(-1, C).float()
+        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4).float()
+        iou_logits = flatten_levels(iou_preds, 1).reshape(-1).float()
+        initial = torch.nonzero(t.labels < C).squeeze(1)
+        gt_boxes, rows = self._matched_gt_boxes(targets, t.gt_inds[initial], t.img_inds[initial])
+        boxes = self.coder.decode(t.priors[initial], deltas[initial])
+        costs = self.anchor_costs(logits[initial], t.labels[initial], boxes.detach(), gt_boxes)
+        level_of_anchor = torch.cat([torch.full((a.shape[0],), i, device=logits.device)
+                                     for i, a in enumerate(anchors_per_level)]).repeat(len(targets))
+        keep = paa_assign(costs, rows, level_of_anchor[initial], sum(int(x["boxes"].shape[0]) for x in targets),
+                          len(anchors_per_level), self.paa)
+        labels = t.labels.clone()
+        labels[initial[~keep]] = C
+        pos, gt_boxes, boxes = initial[keep], gt_boxes[keep], boxes[keep]
+        label_weights = t.label_weights
+        if self.isr_p is not None:
+            label_weights = self._isr_p_weights(logits, deltas, labels, label_weights, t)
+        num_pos = pos.numel()
+        focal = sigmoid_focal_loss(logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        losses = {"loss_cls": self.cls_weight * (focal * label_weights[:, None]).sum() / max(num_pos, len(targets))}
+        iou_target = aligned_box_iou(boxes.detach(), gt_boxes)
+        giou_loss = (1 - aligned_giou(boxes, gt_boxes)) * iou_target.clamp(min=1e-12)
+        losses["loss_bbox"] = self.giou_weight * giou_loss.sum() / iou_target.sum().clamp(min=1e-12)
+        bce = F.binary_cross_entropy_with_logits(iou_logits[pos], iou_target, reduction="none")
+        losses["loss_iou"] = self.iou_weight * bce.sum() / max(num_pos, 1)
+        return losses
+
+    def _isr_p_weights(self, logits: Tensor, deltas: Tensor, labels: Tensor, label_weights: Tensor, t) -> Tensor:
+        """Experimental: ISR-P over the PAA positives (same call as PISA RetinaNet's)."""
+        return isr_p(logits, deltas, labels, label_weights, t.bbox_targets, t.priors, t.gt_inds, t.img_inds,
+                     num_classes=self.num_classes, decode=self.coder.decode, cls_loss="sigmoid_focal",
+                     k=self.isr_p.k, bias=self.isr_p.bias, focal_alpha=self.focal_alpha,
+                     focal_gamma=self.focal_gamma, loss_weight=self.cls_weight,
+                     legacy_gt_offset=self.isr_p.legacy_gt_offset, legacy_float_keys=self.isr_p.legacy_float_keys)
