@@ -2,11 +2,13 @@
 
 Conventions: ``C`` foreground classes ``0..C-1``, background label ``C``; sigmoid heads have ``C``
 logit columns, softmax heads ``C + 1`` with background last; boxes ``(x1, y1, x2, y2)`` without
-``+1``. See ``docs/losses.md``.
+``+1``. Every function checks its tensors' shapes and dtypes first and names the argument in its
+error. See ``docs/losses.md``.
 """
 
 from .focal import sigmoid_focal_loss, softmax_cross_entropy
 from .hlr import HLRRank, gt_group_ids, iou_hlr, nms_match, score_hlr
+from .per_image import flatten_gt_inds
 from .pisa import carl_loss, isr_p
 from .regression import aligned_box_iou, l1_loss, smooth_l1_loss
 
@@ -23,4 +25,5 @@ __all__ = [
     "score_hlr",
     "isr_p",
     "carl_loss",
+    "flatten_gt_inds",
 ]
