@@ -138,6 +138,72 @@ RETINANET = Section({
     }, "inference post-processing"),
 }, "RetinaNet")
 
+# ---- SSD (VGG16) ------------------------------------------------------------------------------------
+
+SSD = Section({
+    "num_classes": RETINANET.keys["num_classes"],
+    "input_size": _int(300, "square input side the anchors are laid out for (SSD300: 300, SSD512: 512); "
+                       "data.ssd_transforms.size should match", min=1),
+    "backbone": Section({
+        "type": _choice("vgg16", ("vgg16",), "backbone architecture"),
+        "width": _num(1.0, "channel multiplier of every layer (1: VGG16; smaller: CPU-sized demo models)",
+                      min=0.0, exclusive=True),
+        "extra_layers": Key(("null", "list"), None, "[out_channels, kernel, stride, padding] of each conv after "
+                            "conv7, in (1x1, 3x3 tap) pairs; null: the reference layout of input_size",
+                            items=Key(("list",), items=Key(("int",), min=0), length=4)),
+        "l2_norm_scale": _num(20.0, "initial scale of the L2-normalised conv4_3 map", min=0.0, exclusive=True),
+        "pretrained": Key(("null", "str"), None, 'ImageNet weights of the 13 VGG16 convs: null, "torchvision", '
+                          "or a .pth path (torchvision vgg16 layout)", path="file", keywords=("torchvision",)),
+    }, "VGG16 with ceil-mode pools, dilated conv6, conv7, L2-normalised conv4_3 and extra layers"),
+    "anchors": Section({
+        "strides": _list(Key(("int",), min=1), [8, 16, 32, 64, 100, 300],
+                         "stride of each feature level (anchor centres at (i + 0.5) * stride)"),
+        "ratios": _list(_list(Key(("float",), min=0.0, exclusive=True), None, "ratios", min_len=0),
+                        [[2], [2, 3], [2, 3], [2, 3], [2], [2]], "extra aspect ratios r of each level "
+                        "(anchors h/w = 1/r and r besides the two squares)"),
+        "ratio_range": _list(Key(("float",), min=0.0), [0.15, 0.9], "min and max anchor size over input_size "
+                             "(SSD300 0.15-0.9, SSD512 0.1-0.9), plus the smaller first level", length=2),
+    }, "SSD anchor generator"),
+    "coder": Section({
+        "means": _list(Key(("float",)), [0.0] * 4, "delta means (dx, dy, dw, dh)", length=4),
+        "stds": _list(Key(("float",), min=0.0, exclusive=True), [0.1, 0.1, 0.2, 0.2], "delta stds", length=4),
+    }, "box delta coder"),
+    "assigner": Section({
+        "pos_iou_thr": _num(0.5, "IoU at or above which an anchor is positive", **_PROB),
+        "neg_iou_thr": _num(0.5, "IoU below which an anchor is negative", **_PROB),
+        "min_pos_iou": _num(0.0, "least IoU for a low-quality match", **_PROB),
+        "match_low_quality": _flag(True, "give each GT its best anchor even below pos_iou_thr"),
+        "gt_max_assign_all": _flag(False, "low-quality match: every anchor tying a GT's best IoU (false: "
+                                   "only the first, as SSD)"),
+        "ignore_iof_thr": _num(-1.0, ">0: ignore anchors covered by a crowd box beyond this IoF"),
+    }, "max-IoU anchor assignment"),
+    "loss_cls": Section({
+        "neg_pos_ratio": _num(3.0, "hard negatives kept per positive in each image", min=0.0),
+    }, "softmax cross-entropy with hard negative mining"),
+    "loss_bbox": Section({
+        "beta": _num(1.0, "smooth L1 (and CARL) transition point", min=0.0, exclusive=True),
+        "weight": _num(1.0, "loss weight", min=0.0),
+    }, "smooth L1 box regression loss"),
+    "test": Section({
+        "nms_pre": _int(0, "top anchors per level kept before NMS (0: all, as the v2.0 reference; "
+                        "later releases 1000)", min=0),
+        "score_thr": _num(0.02, "least score of a detection", **_PROB),
+        "nms_iou": _num(0.45, "per-class NMS IoU threshold", **_PROB),
+        "max_per_img": _int(200, "detections kept per image", min=1),
+    }, "inference post-processing"),
+}, "SSD300 / SSD512")
+
+SSD_TRANSFORMS = Section({
+    "size": _int(300, "side of the square every image is resized to (aspect ratio not kept)", min=1),
+    "flip_prob": _num(0.5, "horizontal flip probability", **_PROB),
+    "photometric": _flag(True, "random brightness, contrast, saturation, hue and channel order"),
+    "expand_ratio": _list(Key(("float",), min=1.0), [1.0, 4.0], "zoom-out canvas size range (mean-filled); "
+                          "applied with probability 0.5", length=2),
+    "min_ious": _list(Key(("float",), **_PROB), [0.1, 0.3, 0.5, 0.7, 0.9], "random crop: the least IoU of the "
+                      "crop with every box, one drawn per image (or no crop, or any crop)", min_len=0),
+    "min_crop_size": _num(0.3, "random crop: least side as a fraction of the image side", **_PROB),
+}, "data.pipeline: ssd only: the SSD training augmentation (test: resize and normalise)")
+
 _DATASET_OPTIONS = {
     "filter_empty": _flag(False, "training only: drop images without usable annotations"),
     "with_masks": _flag(False, "decode instance masks"),
@@ -207,7 +273,7 @@ PAA = Section({
 }, "PAA (Kim & Lee, ECCV 2020)")
 
 SCHEMA = Section({
-    "model": Variants({"retinanet": RETINANET, "paa": PAA}, "the detector"),
+    "model": Variants({"retinanet": RETINANET, "paa": PAA, "ssd": SSD}, "the detector"),
     "pisa": Section({
         "isr_p": Section({"k": _num(2.0, "exponent of the importance weight", min=0.0),
                           "bias": _num(0.0, "weight floor", **_PROB)},
@@ -235,6 +301,9 @@ SCHEMA = Section({
                          "per-channel std (0-255)", length=3),
             "to_rgb": _flag(True, "normalise in RGB channel order (false: BGR, for caffe-style weights)"),
         }, "pixel normalisation"),
+        "pipeline": _choice("standard", ("standard", "ssd"), "training augmentation: standard (keep-ratio "
+                            "resize, flip) or ssd (data.ssd_transforms; set pad_divisor 1)"),
+        "ssd_transforms": SSD_TRANSFORMS,
         "pad_divisor": _int(32, "pad batches to a multiple of this", min=1),
         "batch_size": _int(2, "images per process", min=1),
         "workers": _int(2, "data loader workers per process", min=0),

@@ -17,6 +17,7 @@ from pisa.models.box_coder import DeltaXYWHCoder
 from pisa.models.fpn import RetinaFPN
 from pisa.models.retina_head import CARLSettings, ISRPSettings, RetinaHead, RetinaNetLoss
 from pisa.models.retinanet import RetinaNet, RetinaNetPostProcessor
+from pisa.models.ssd import build_ssd
 from pisa.models.paa import build_paa
 
 __all__ = ["build_model", "build_retinanet", "MODELS", "BACKBONES"]
@@ -63,7 +64,7 @@ def build_retinanet(cfg: dict) -> RetinaNet:
     return RetinaNet(backbone, neck, head, criterion, postprocessor)
 
 
-MODELS: dict[str, Callable[[dict], nn.Module]] = {"retinanet": build_retinanet, "paa": build_paa}
+MODELS: dict[str, Callable[[dict], nn.Module]] = {"retinanet": build_retinanet, "ssd": build_ssd, "paa": build_paa}
 
 
 def build_model(cfg: dict) -> nn.Module:
