@@ -149,7 +149,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path, sep, text = item.partition("=")
     path = path.strip()
     if not sep or not _KEY_PATH.match(path):
-        raise ConfigError(f"--set expects KEY.PATH=VALUE (e.g. optim.lr=0.02), got '{item}'")
+        raise ConfigError(f"--set expects KEY.PATH=VALUE items (e.g. optim.lr=0.02), got '{item}'; "
+                          "put positional arguments before --set (or end its items with --)")
     if not text.strip():
         raise ConfigError(f"--set {item}: no value; write '{path}=null' to clear the key")
     return path.split("."), _parse_yaml(text, f"--set {item}: the value")
@@ -420,9 +421,10 @@ def load_config(path: str, overrides: Sequence[str] | None = (),
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Add the repeatable ``--set KEY=VALUE`` option (collected in ``args.overrides``)."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key; VALUE is YAML, e.g. --set optim.lr=0.02 "
-                             "--set pisa=null --set 'data.train_transforms.scales=[[640,640]]' (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys; each VALUE is YAML, e.g. --set optim.lr=0.02 pisa=null "
+                             "'data.train_transforms.scales=[[640,640]]' (one or several items per --set; "
+                             "repeatable)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,10 +83,14 @@ def _list(item: Key, default, doc, length=None, min_len=1) -> Key:
 _PROB = dict(min=0.0, max=1.0)
 _SCALE = Key(("list",), items=Key(("int",), min=1), length=2, doc="[long side, short side]")
 
+# Every detector's class count: a number, or "auto" (the default) for the training set's category count.
+NUM_CLASSES = Key(("int", "str"), "auto", "number of object classes K (no background), or auto: the "
+                  "training set's category count", choices=("auto",), min=1)
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d")
 
 RETINANET = Section({
-    "num_classes": _int(REQUIRED, "number of object classes K (no background)", min=1),
+    "num_classes": NUM_CLASSES,
     "backbone": Section({
         "type": _choice("resnet50", BACKBONES, "backbone architecture"),
         "frozen_stages": _int(1, "stages frozen from the stem: -1 none, 0 stem, 1 stem + stage 1, ...",

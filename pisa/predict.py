@@ -16,11 +16,14 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from pisa.config import ConfigError, add_config_args, load_config
+from pisa.cli import UsageError, reported_errors
+from pisa.config import add_config_args, load_config
 from pisa.data import transforms_from_config
 from pisa.data.batching import pad_images
+from pisa.data.classes import ClassInfo, checkpoint_classes
+from pisa.data.errors import ImageDecodeError
 from pisa.data.transforms import to_rgb_image
-from pisa.engine.checkpoint import CheckpointError, load_checkpoint
+from pisa.engine.checkpoint import read_checkpoint_meta
 from pisa.eval import build_model_for_checkpoint, load_weights_strict
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -40,22 +43,16 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"input {item} is neither an image file nor a directory")
+            raise UsageError(f"input {item} is neither an image file nor a directory")
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {list(inputs)}")
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {list(inputs)}")
     return files
 
 
-def class_info(checkpoint: str, num_classes: int, trust: bool) -> tuple[list[str], list[int]]:
+def class_info(classes: ClassInfo | None, num_classes: int) -> tuple[list[str], list[int]]:
     """Class names and COCO category ids stored with the checkpoint, else generic ones."""
-    meta: dict[str, Any] = {}
-    try:
-        obj = load_checkpoint(checkpoint, trust=trust)
-        meta = obj.get("meta") or {}
-    except CheckpointError:
-        pass  # an mmdetection file with metadata objects: the weights loader reports real problems
-    names = list(meta.get("class_names") or meta.get("CLASSES") or [])
-    cat_ids = list(meta.get("cat_ids") or [])
+    names = list(classes.names) if classes else []
+    cat_ids = list(classes.cat_ids) if classes else []
     if len(names) != num_classes:
         names = [f"class_{i}" for i in range(num_classes)]
     if len(cat_ids) != num_classes:
@@ -70,7 +67,8 @@ def load_image(path: Path, transforms) -> tuple[torch.Tensor, dict[str, Any]]:
             img = to_rgb_image(img)
             img.load()
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+        raise ImageDecodeError(f"cannot read image {path}: {err}; remove it from the inputs or re-save it",
+                               path=str(path)) from None
     empty = torch.zeros((0, 4), dtype=torch.float32)
     target = {"boxes": empty, "labels": torch.zeros((0,), dtype=torch.int64), "ignore_boxes": empty,
               "ori_shape": (img.height, img.width), "img_shape": (img.height, img.width),
@@ -139,13 +137,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> list[dict]:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=("load_from",))  # no dataset is read
     files = find_images(args.inputs)
+    classes = checkpoint_classes(read_checkpoint_meta(args.checkpoint, args.trust_checkpoint), args.checkpoint,
+                                 cfg["model"])
     model = build_model_for_checkpoint(cfg)
     for warning in load_weights_strict(model, args.checkpoint, cfg, args.trust_checkpoint):
         print(warning, file=sys.stderr)
     model.to(args.device).eval()
-    names, cat_ids = class_info(args.checkpoint, cfg["model"]["num_classes"], args.trust_checkpoint)
+    names, cat_ids = class_info(classes, cfg["model"]["num_classes"])
     transforms = transforms_from_config(cfg["data"], train=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,11 +168,8 @@ def predict(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    try:
+    with reported_errors(lambda: "use fewer or smaller images, or lower data.test_transforms.scales"):
         return predict(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

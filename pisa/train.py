@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from torch import nn
 
-from pisa.config import ConfigError, add_config_args, load_config
+from pisa.cli import reported_errors
+from pisa.config import add_config_args, load_config
+from pisa.data.classes import ClassInfo, check_same_classes, resolve_num_classes
 from pisa.engine import dist
-from pisa.engine.checkpoint import (CheckpointError, describe_mismatches, load_model_weights,
-                                   shape_mismatches)
+from pisa.engine.checkpoint import describe_mismatches, load_model_weights, shape_mismatches
 from pisa.engine.logging import console
-from pisa.engine.trainer import NonFiniteLossError, Trainer, configure_determinism, seed_everything
+from pisa.engine.trainer import Trainer, configure_determinism, seed_everything
 
 # The reference evaluates one image per process; padding a larger batch would shift border features.
 EVAL_BATCH_SIZE = 1
@@ -68,11 +68,8 @@ def resolve_config(args: argparse.Namespace, check_paths: bool | Sequence[str] =
         overrides.append(f"train.work_dir={json.dumps(args.work_dir)}")  # quoted: any path stays a string
     if getattr(args, "deterministic", False):
         overrides.append("train.deterministic=true")
-    try:
+    with reported_errors():
         return load_config(args.config, overrides, check_paths=check_paths)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def iou_types(cfg: dict) -> list[str]:
@@ -101,7 +98,11 @@ def build_parts(cfg: dict, info: dist.DistInfo) -> RunParts:
 
     data = cfg["data"]
     train_set = build_dataset(data["train"], data, train=True)
+    classes = ClassInfo.of_dataset(train_set)
+    resolve_num_classes(cfg["model"], classes)  # before the model exists: its heads need the count
     val_loader, evaluator = build_val_parts(cfg, info)
+    check_same_classes(classes, ClassInfo.of_dataset(val_loader.dataset), "data.val",
+                       "train and evaluate on splits of one dataset (the same categories file)")
     train_loader = build_dataloader(train_set, batch_size=data["batch_size"], workers=data["workers"],
                                     train=True, seed=cfg["train"]["seed"], rank=info.rank,
                                     world_size=info.world_size, aspect_grouping=data["aspect_grouping"],
@@ -125,20 +126,25 @@ def load_initial_weights(model: nn.Module, cfg: dict, trust: bool) -> None:
             f"skipped for another shape {len(mismatched)} ({describe_mismatches(mismatched)})")
 
 
+def oom_hint(cfg: dict) -> str:
+    """The settings that bound memory, with their current values."""
+    data = cfg["data"]
+    return (f"lower data.batch_size (now {data['batch_size']}) or the input size "
+            f"(data.train_transforms.scales, data.test_transforms.scales), e.g. --set data.batch_size=1")
+
+
 @contextlib.contextmanager
-def cli_session(cfg: dict, device: str | None, errors: tuple[type[Exception], ...]) -> Iterator[dist.DistInfo]:
+def cli_session(cfg: dict, device: str | None) -> Iterator[dist.DistInfo]:
     """Join the process group, apply determinism and seed (the same initial weights on every rank);
-    print ``errors`` as one line and exit with status 1; always leave the group."""
-    info = dist.init_distributed(device)
-    try:
-        configure_determinism(cfg["train"]["deterministic"])
-        seed_everything(cfg["train"]["seed"])
-        yield info
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        dist.cleanup()
+    report expected failures as one line (:func:`pisa.cli.reported_errors`); always leave the group."""
+    with reported_errors(lambda: oom_hint(cfg)):
+        info = dist.init_distributed(device)
+        try:
+            configure_determinism(cfg["train"]["deterministic"])
+            seed_everything(cfg["train"]["seed"])
+            yield info
+        finally:
+            dist.cleanup()
 
 
 def run(cfg: dict, args: argparse.Namespace, info: dist.DistInfo, parts: RunParts) -> dict[str, Any]:
@@ -162,7 +168,7 @@ def main(argv: Sequence[str] | None = None, build: Any = build_parts) -> dict[st
     """
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    with cli_session(cfg, args.device, (NonFiniteLossError, CheckpointError)) as info:
+    with cli_session(cfg, args.device) as info:
         return run(cfg, args, info, build(cfg, info))
 
 if __name__ == "__main__":

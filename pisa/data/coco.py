@@ -209,6 +209,19 @@ class CocoDataset(torch.utils.data.Dataset):
             target["masks"] = torch.from_numpy(masks)
         return target
 
+    def brief(self) -> str:
+        """One line: images, objects, classes, and what was dropped or skipped, with the file name."""
+        ix, rows = self.index, self._rows
+        counts = np.diff(ix.box_offsets)[rows]
+        skipped = sum((ix.skipped + self.load_skips).values())
+        extras = [f"{int((counts == 0).sum())} without objects"]
+        if ix.dropped_degenerate:
+            extras.append(f"{ix.dropped_degenerate} degenerate boxes dropped")
+        if skipped:
+            extras.append(f"{skipped} entries skipped (on_error=skip)")
+        return (f"{len(rows)} images ({', '.join(extras)}), {int(counts.sum())} objects, "
+                f"{self.num_classes} classes - {self.ann_file}")
+
     def summary(self) -> str:
         """A one-screen report: images, objects per class, empty images, crowds, drops, skips."""
         ix, rows = self.index, self._rows

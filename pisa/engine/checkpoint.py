@@ -241,6 +241,21 @@ def load_model_checkpoint(path: str | os.PathLike, model_cfg: dict,
     return state, text if isinstance(text, str) else None
 
 
+def read_checkpoint_meta(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+    """The ``meta`` dict of a pisa or mmdetection checkpoint (``{}`` if it has none).
+
+    pisa checkpoints keep ``class_names`` and ``cat_ids`` there; mmdetection ones ``CLASSES``.
+    """
+    try:
+        obj = load_checkpoint(path, trust=trust)
+    except CheckpointError as err:
+        if TRUST_HINT not in str(err):
+            raise
+        obj = _via_converter(lambda convert: convert.read_mmdet_checkpoint(str(path), trust=trust))
+    meta = obj.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
 def _via_converter(call):
     """Run ``call(pisa.models.convert)``, imported only when needed; its ValueErrors become
     CheckpointErrors (they name the file and the fix)."""

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from pisa import __version__
-from pisa.config import dump as dump_config
 from pisa.config import save as save_config
 from pisa.engine import checkpoint as ckpt
 from pisa.engine import dist
@@ -166,20 +165,31 @@ class Trainer:
         seed_everything(int(self.tcfg.get("seed", 0)) + self.dist.rank)
         if self.dist.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, str(self.work_dir))
-            console(dump_config(self.cfg).rstrip())
-            for name, loader in (("train", self.train_loader), ("val", self.val_loader)):
-                summary = getattr(getattr(loader, "dataset", None), "summary", None)
-                if callable(summary):
-                    console(f"{name} data: {summary()}")
-            console(self.lr_scaling.describe())
-            console(f"{self.dist.world_size} process(es) on {self.device.type}; {self.iters_per_epoch} "
-                    f"iterations per epoch; {self.max_iters} in total")
+            saved = save_config(self.cfg, str(self.work_dir))
+            for line in self._start_summary(saved):
+                console(line)
         if not self.lr_scaling.scaled and self.dist.is_main:
             warnings.warn(self.lr_scaling.describe(), stacklevel=2)
         if self._resume_path is not None:
             self._load(self._resume_path)
         dist.barrier()
+
+    def _start_summary(self, saved_config: str) -> list[str]:
+        """A few lines instead of the whole resolved config (which is saved to ``saved_config``)."""
+        model, pisa_cfg = self.cfg["model"], self.cfg.get("pisa") or {}
+        parts = [name for name in ("isr_p", "isr_n", "carl") if pisa_cfg.get(name)]
+        backbone = (model.get("backbone") or {}).get("type", "?")
+        lines = [f"model: {model['type']} ({backbone}), {model['num_classes']} classes; PISA "
+                 + (f"on ({', '.join(parts)})" if parts else "off")]
+        for name, loader in (("train", self.train_loader), ("val", self.val_loader)):
+            brief = getattr(getattr(loader, "dataset", None), "brief", None)
+            if callable(brief):
+                lines.append(f"{name} data: {brief()}")
+        lines.append(self.lr_scaling.describe())
+        lines.append(f"{self.dist.world_size} process(es) on {self.device.type}; {self.iters_per_epoch} "
+                     f"iterations per epoch; {self.max_iters} in total; work dir {self.work_dir} "
+                     f"(resolved config: {saved_config})")
+        return lines
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, trust=self.trust_checkpoint)
