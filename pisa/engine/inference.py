@@ -18,6 +18,8 @@ from tqdm import tqdm
 from pisa.engine import dist
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# ``--precision`` names -> the autocast setting (``train.amp`` values); fp32 runs without autocast.
+PRECISIONS = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
 
 
 class Evaluator(Protocol):
@@ -36,6 +38,14 @@ def amp_autocast(device: torch.device, amp: str | None) -> contextlib.AbstractCo
     if amp not in AMP_DTYPES:
         raise ValueError(f"train.amp must be null, 'bf16' or 'fp16', got {amp!r}")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def model_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s inputs go: its first parameter's or buffer's device; the CPU for a module
+    holding no tensors (e.g. an ONNX Runtime session, ``pisa.engine.onnx_runner.OnnxDetector``)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _detections_to_cpu(detection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,11 +69,16 @@ def evaluate(model: nn.Module, loader: Any, evaluator: Evaluator, amp: str | Non
     one dict per image (``boxes`` [D, 4] original-image xyxy, ``scores`` [D], ``labels`` [D]);
     detections are added by ``targets[i]['image_id']``. The evaluator is reset first, so one
     evaluator serves every evaluation of a run. The model's train/eval mode is restored.
+
+    ``amp`` (None, "bf16", "fp16") runs the model under autocast: convolutions and matrix products
+    in reduced precision, while the post-processing of pisa's detectors stays float32 by
+    construction (logits are cast to float32 before sigmoid/softmax; box decoding and NMS compute
+    in float32), so reduced precision touches the network only.
     """
     module = dist.unwrap_model(model)
     was_training = module.training
     module.eval()
-    device = next(module.parameters()).device
+    device = model_device(module)
     evaluator.reset()
     try:
         bar = tqdm(loader, desc="eval", dynamic_ncols=True, disable=not (progress and dist.is_main()))
