@@ -80,11 +80,39 @@ def class_colour(label: int) -> tuple[int, int, int]:
     return PALETTE[label % len(PALETTE)]
 
 
+MASK_OPACITY = 0.5  # share of the class colour in a mask's pixels; the image shows through the rest
+
+
+def draw_masks(img: Image.Image, det: dict[str, torch.Tensor], opacity: float = MASK_OPACITY) -> Image.Image:
+    """An RGB copy of ``img`` with each detection's mask filled in its class colour (``class_colour``,
+    as its box), semi-transparent: ``pixel = (1 - opacity) * pixel + opacity * colour``.
+
+    ``det["masks"]`` is ``(D, H, W)`` bool (or 0/1) at the image's size, ``det["labels"]`` ``(D,)``,
+    ``det["scores"]`` ``(D,)``. Masks are blended in increasing score order, so where masks overlap
+    the highest-scoring one is blended last and shows most.
+    """
+    canvas = to_rgb_image(img)
+    masks = det["masks"].cpu()
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != (canvas.height, canvas.width):
+        raise ValueError(f"masks of shape {tuple(masks.shape)} do not fit an image of "
+                         f"{canvas.height}x{canvas.width} (expected (D, {canvas.height}, {canvas.width}))")
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(canvas.height, canvas.width, 3).float()
+    for i in torch.argsort(det["scores"].cpu(), stable=True).tolist():
+        colour = torch.tensor(class_colour(int(det["labels"][i])), dtype=torch.float32)
+        inside = masks[i] != 0
+        pixels[inside] = (1 - opacity) * pixels[inside] + opacity * colour
+    data = pixels.round().clamp(0, 255).to(torch.uint8).numpy().tobytes()
+    return Image.frombytes("RGB", (canvas.width, canvas.height), data)
+
+
 def draw_detections(img: Image.Image, det: dict[str, torch.Tensor], names: Sequence[str]) -> Image.Image:
     """An RGB copy of ``img`` with each detection's box in its class colour and a filled label
     ("name score") on the box's top edge, kept inside the image; higher scores are drawn last, so
     they stay on top."""
     canvas = to_rgb_image(img).copy()
+    if "masks" in det:
+        canvas = draw_masks(canvas, det)
     pen = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     for i in torch.argsort(det["scores"]).tolist():
