@@ -18,6 +18,7 @@ from pisa.data.errors import (AnnotationError, AnnotationFileError, CategoryErro
                               ImageNotFoundError, ImageRecordError, ImageSizeMismatchError,
                               MalformedBoxError, UnknownCategoryIdError, UnknownImageIdError)
 from pisa.data.synthetic import default_demo_root, ensure_demo_dataset
+from pisa.data.ssd_transforms import build_ssd_transforms
 from pisa.data.transforms import (Compose, Normalize, RandomHorizontalFlip, Resize,
                                   build_transforms, rescale_size)
 
@@ -70,6 +71,9 @@ def transforms_from_config(data_cfg: dict, train: bool) -> Compose:
     """The pipeline a ``data:`` block describes (``train_transforms`` or ``test_transforms``)."""
     section = data_cfg.get("train_transforms" if train else "test_transforms", {}) or {}
     norm = {**_DEFAULT_NORMALIZE, **(data_cfg.get("normalize") or {})}
+    if data_cfg.get("pipeline", "standard") == "ssd":  # SSD augmentation, square resize (data.ssd_transforms)
+        ssd = dict(data_cfg.get("ssd_transforms") or {})
+        return build_ssd_transforms(ssd.pop("size", 300), norm["mean"], norm["std"], norm["to_rgb"], train, **ssd)
     return build_transforms(section.get("scales", [[1333, 800]]),
                             section.get("flip_prob", 0.5) if train else 0.0,
                             norm["mean"], norm["std"], norm["to_rgb"], train)
