@@ -276,6 +276,14 @@ PAA = Section({
     "allow_pisa": _flag(False, "experimental, unpublished: accept a pisa: block (ISR-P on PAA's positives)"),
 }, "PAA (Kim & Lee, ECCV 2020)")
 
+# Sampling-Free for RetinaNet (method doc §8.2): its presence replaces the focal loss.
+SAMPLING_FREE = Section({
+    "pi": _num(1e-5, "foreground prior per class: classifier bias -log((1-pi)/pi), test score threshold "
+               "pi * (K + 1); compute it with scripts/sampling_free_bias.py", min=0.0, max=1.0, exclusive=True),
+    "nms_iou": _num(0.55, "test NMS IoU threshold", **_PROB),
+}, "Sampling-Free (RetinaNet only): optimal bias init, guided loss scaling, adaptive test threshold; "
+   "absent or null = off", optional=True)
+
 SCHEMA = Section({
     "model": Variants({"retinanet": RETINANET, "paa": PAA, "ssd": SSD}, "the detector"),
     "pisa": Section({
@@ -290,6 +298,7 @@ SCHEMA = Section({
             "legacy_float_keys": _flag(False, "rank by the reference's float keys (defect D9)"),
         }, "reference quirks, off by default"),
     }, "Prime Sample Attention; absent or null = the baseline", optional=True),
+    "sampling_free": SAMPLING_FREE,
     "data": Section({
         "train": Variants(_DATASETS, "training set"),
         "val": Variants(_DATASETS, "validation set"),

@@ -19,6 +19,7 @@ from pisa.models.retina_head import CARLSettings, ISRPSettings, RetinaHead, Reti
 from pisa.models.retinanet import RetinaNet, RetinaNetPostProcessor
 from pisa.models.ssd import build_ssd
 from pisa.models.paa import build_paa
+from pisa.models.sampling_free import sampling_free_parts
 
 __all__ = ["build_model", "build_retinanet", "MODELS", "BACKBONES"]
 
@@ -61,6 +62,8 @@ def build_retinanet(cfg: dict) -> RetinaNet:
     t = m["test"]
     postprocessor = RetinaNetPostProcessor(anchor_generator, coder, nms_pre=t["nms_pre"], score_thr=t["score_thr"],
                                            nms_iou=t["nms_iou"], max_per_img=t["max_per_img"])
+    if cfg.get("sampling_free"):  # replaces the focal criterion and the test thresholds (method doc §8.2)
+        criterion, postprocessor = sampling_free_parts(cfg, head, criterion, postprocessor)
     return RetinaNet(backbone, neck, head, criterion, postprocessor)
 
 
