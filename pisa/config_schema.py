@@ -142,6 +142,113 @@ RETINANET = Section({
     }, "inference post-processing"),
 }, "RetinaNet")
 
+# ---- two-stage detectors (Faster / Mask R-CNN) ---------------------------------------------------
+
+
+def _proposals(nms_pre: int, max_per_img: int, doc: str) -> Section:
+    return Section({
+        "nms_pre": _int(nms_pre, "top anchors per level kept before NMS", min=1),
+        "max_per_img": _int(max_per_img, "proposals kept per image after NMS", min=1),
+        "nms_iou": _num(0.7, "NMS IoU threshold (levels never suppress each other)", **_PROB),
+    }, doc)
+
+
+def _rcnn_assigner(match_low_quality: bool) -> Section:
+    return Section({
+        "pos_iou_thr": _num(0.5, "IoU at or above which a proposal is positive", **_PROB),
+        "neg_iou_thr": _num(0.5, "IoU below which a proposal is negative", **_PROB),
+        "min_pos_iou": _num(0.5, "least IoU for a low-quality match", **_PROB),
+        "match_low_quality": _flag(match_low_quality, "give each GT its best proposals even below pos_iou_thr"),
+    }, "max-IoU proposal assignment")
+
+
+_RCNN_BBOX_LOSS = Section({
+    "type": _choice("l1", ("l1", "smooth_l1"), "box regression loss (PISA configs: smooth_l1)"),
+    "beta": _num(1.0, "smooth_l1 (and CARL) only: transition point", min=0.0, exclusive=True),
+    "weight": _num(1.0, "loss weight", min=0.0),
+}, "box regression loss on the positives' GT-class deltas")
+
+RPN = Section({
+    "feat_channels": _int(256, "channels of the shared 3x3 conv", min=1),
+    "anchors": Section({
+        "strides": _list(Key(("int",), min=1), [4, 8, 16, 32, 64], "stride of each FPN level P2-P6"),
+        "scales": _list(Key(("float",), min=0.0, exclusive=True), [8.0], "anchor size = stride * scale"),
+        "ratios": _list(Key(("float",), min=0.0, exclusive=True), [0.5, 1.0, 2.0], "aspect ratios h/w"),
+    }, "anchor generator"),
+    "coder": RETINANET.keys["coder"],
+    "assigner": Section({
+        "pos_iou_thr": _num(0.7, "IoU at or above which an anchor is positive", **_PROB),
+        "neg_iou_thr": _num(0.3, "IoU below which an anchor is negative", **_PROB),
+        "min_pos_iou": _num(0.3, "least IoU for a low-quality match", **_PROB),
+        "match_low_quality": _flag(True, "give each GT its best anchors even below pos_iou_thr"),
+    }, "max-IoU anchor assignment"),
+    "sampler": Section({
+        "num": _int(256, "anchors sampled per image", min=1),
+        "pos_fraction": _num(0.5, "largest fraction of positives", **_PROB),
+    }, "random anchor sampler"),
+    "loss_cls": Section({"weight": _num(1.0, "loss weight", min=0.0)}, "sigmoid BCE objectness loss"),
+    "loss_bbox": Section({
+        "type": _choice("l1", ("l1", "smooth_l1"), "box regression loss"),
+        "beta": _num(1.0, "smooth_l1 only: transition point", min=0.0, exclusive=True),
+        "weight": _num(1.0, "loss weight", min=0.0),
+    }, "box regression loss"),
+    "train": _proposals(2000, 1000, "proposals while training (PISA configs: 2000 / 2000)"),
+    "test": _proposals(1000, 1000, "proposals at test time (PISA configs: 2000 / 2000)"),
+}, "region proposal network on P2-P6")
+
+
+def _roi_head(mask: bool) -> Section:
+    keys = {
+        "roi_size": _int(7, "RoIAlign output side of the box branch", min=1),
+        "sampling_ratio": _int(0, "RoIAlign samples per bin side (0: adaptive)", min=0),
+        "finest_scale": _num(56.0, "RoI level = floor(log2(sqrt(area) / finest_scale)), clamped to P2-P5",
+                             min=0.0, exclusive=True),
+        "fc_channels": _int(1024, "width of the two shared FCs", min=1),
+        "coder": Section({
+            "means": _list(Key(("float",)), [0.0] * 4, "delta means (dx, dy, dw, dh)", length=4),
+            "stds": _list(Key(("float",), min=0.0, exclusive=True), [0.1, 0.1, 0.2, 0.2], "delta stds",
+                          length=4),
+        }, "box delta coder"),
+        "assigner": _rcnn_assigner(match_low_quality=mask),
+        "sampler": Section({
+            "num": _int(512, "RoIs sampled per image", min=1),
+            "pos_fraction": _num(0.25, "largest fraction of positives", **_PROB),
+            "neg_pos_ub": _int(-1, "at most this many negatives per positive (-1: no bound)", min=-1),
+            "add_gt": _flag(True, "prepend the GT boxes to the proposals (forced positives)"),
+        }, "RoI sampler: random, or Score-HLR when pisa.isr_n is set"),
+        "loss_cls": Section({"weight": _num(1.0, "loss weight", min=0.0)}, "softmax cross-entropy"),
+        "loss_bbox": _RCNN_BBOX_LOSS,
+        "test": Section({
+            "score_thr": _num(0.05, "least score of a detection", **_PROB),
+            "nms_iou": _num(0.5, "per-class NMS IoU threshold", **_PROB),
+            "max_per_img": _int(100, "detections kept per image", min=1),
+            **({"mask_thr": _num(0.5, "mask probability at or above which a pixel is in", **_PROB)}
+               if mask else {}),
+        }, "inference post-processing"),
+    }
+    if mask:
+        keys["mask"] = Section({
+            "roi_size": _int(14, "RoIAlign output side of the mask branch (masks are twice this)", min=1),
+            "num_convs": _int(4, "3x3 convs before the deconvolution", min=0),
+            "conv_channels": _int(256, "channels of the mask convs", min=1),
+            "loss_weight": _num(1.0, "weight of loss_mask", min=0.0),
+        }, "mask branch")
+    return Section(keys, "second stage: RoIAlign, box head" + (", mask head" if mask else ""))
+
+
+def _two_stage(mask: bool) -> Section:
+    return Section({
+        "num_classes": RETINANET.keys["num_classes"],
+        "backbone": RETINANET.keys["backbone"],
+        "neck": Section({"out_channels": _int(256, "FPN channels", min=1)}, "FPN P2-P6"),
+        "rpn": RPN,
+        "roi_head": _roi_head(mask),
+    }, "Mask R-CNN" if mask else "Faster R-CNN")
+
+
+FASTER_RCNN = _two_stage(mask=False)
+MASK_RCNN = _two_stage(mask=True)
+
 # ---- SSD (VGG16) ------------------------------------------------------------------------------------
 
 SSD = Section({
@@ -285,7 +392,9 @@ SAMPLING_FREE = Section({
    "absent or null = off", optional=True)
 
 SCHEMA = Section({
-    "model": Variants({"retinanet": RETINANET, "paa": PAA, "ssd": SSD}, "the detector"),
+    "model": Variants({"retinanet": RETINANET, "faster_rcnn": FASTER_RCNN, "mask_rcnn": MASK_RCNN, "ssd": SSD,
+                       "paa": PAA},
+                      "the detector"),
     "pisa": Section({
         "isr_p": Section({"k": _num(2.0, "exponent of the importance weight", min=0.0),
                           "bias": _num(0.0, "weight floor", **_PROB)},
@@ -293,6 +402,12 @@ SCHEMA = Section({
         "carl": Section({"k": _num(1.0, "exponent of the score weight", min=0.0),
                          "bias": _num(0.2, "weight floor", **_PROB)},
                         "Classification-Aware Regression Loss", optional=True),
+        "isr_n": Section({"k": _num(0.5, "exponent of the negatives' importance weight", min=0.0),
+                          "bias": _num(0.0, "weight floor", **_PROB),
+                          "score_thr": _num(0.05, "negatives scoring at most this are not ranked", **_PROB),
+                          "iou_thr": _num(0.5, "IoU of the NMS grouping of negatives", **_PROB)},
+                         "two-stage only: Score-HLR sampling and reweighting of negatives; "
+                         "absent = random sampler", optional=True),
         "compat": Section({
             "legacy_gt_offset": _flag(False, "reproduce the reference's GT-id offset (defect D1)"),
             "legacy_float_keys": _flag(False, "rank by the reference's float keys (defect D9)"),

@@ -73,6 +73,16 @@ def check_sizes(args: argparse.Namespace, size: tuple[int, int], divisor: int) -
                           f"data.pad_divisor ({divisor}), as the data pipeline pads them")
 
 
+def check_exportable(model_cfg: dict) -> None:
+    """What ``pisa.export_model.ExportableRetinaNet`` implements: RetinaNet with the v2 top-k rule."""
+    if model_cfg["type"] != "retinanet":
+        raise ExportError(f"model.type {model_cfg['type']!r}: ONNX export supports 'retinanet' so far")
+    rule = model_cfg.get("test", {}).get("topk_rule", "v2")
+    if rule != "v2":
+        raise ExportError(f"model.test.topk_rule {rule!r}: the export implements the 'v2' rule so far; "
+                          "add --set model.test.topk_rule=v2")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """CLI entry; returns the path written."""
     from pisa.eval import build_model_for_checkpoint, load_weights_strict
@@ -84,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         check_sizes(args, size, cfg["data"]["pad_divisor"])
         check_exporter_installed()
-        if cfg["model"]["type"] != "retinanet":
-            raise ExportError(f"model.type {cfg['model']['type']!r}: ONNX export supports 'retinanet' so far")
+        check_exportable(cfg["model"])
         model = build_model_for_checkpoint(cfg)
         for line in load_weights_strict(model, args.checkpoint, cfg, args.trust_checkpoint):
             print(line, file=sys.stderr)

@@ -6,7 +6,7 @@ head, then the reference's test-time post-processing (method spec §7.3) written
 
 1. per level: sigmoid, the top ``nms_pre`` anchors by max-class score, delta decoding;
 2. clipping to each image's ``img_shape`` and rescaling by ``1 / scale_factor``;
-3. per-class NMS on ``score > score_thr`` for the whole batch in ONE ``torchvision.ops.nms`` call: every
+3. per-class NMS on ``score > score_thr`` (boxes of zero width or height dropped) for the whole batch in ONE ``torchvision.ops.nms`` call: every
    (image, class) pair is moved to its own region of the plane (class along x, image along y), so no
    two groups overlap and a single NMS equals one NMS per image and class;
 4. the best ``max_per_img`` per image, scattered into padded ``(B, max_per_img)`` slots.
@@ -72,6 +72,10 @@ class ExportableRetinaNet(nn.Module):
         self.backbone, self.neck, self.head = network
         self.network_dtype = network_dtype
         post = model.postprocessor
+        rule = getattr(post, "topk_rule", "v2")
+        if rule != "v2":
+            raise ValueError(f"model.test.topk_rule {rule!r}: the export supports the 'v2' rule (top nms_pre "
+                             "anchors per level) so far; export with --set model.test.topk_rule=v2")
         generator = post.anchor_generator
         self.coder, self.num_classes = post.coder, model.head.num_classes
         self.nms_pre, self.score_thr, self.nms_iou, self.max_per_img = (post.nms_pre, post.score_thr,
@@ -129,8 +133,11 @@ class ExportableRetinaNet(nn.Module):
     def _batched_multiclass_nms(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
         """``(B, K, 4)`` boxes and ``(B, K, C)`` scores → padded ``(boxes, scores, labels, num_dets)``."""
         batch, num_boxes, num_classes = scores.shape
+        # Boxes of zero width or height never become detections (the reference's min_bbox_size = 0).
+        sized = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
         flat_scores = scores.reshape(-1)
-        candidates = torch.nonzero(flat_scores > self.score_thr).reshape(-1)  # box-major, class-minor
+        above = (scores > self.score_thr) & sized[..., None]
+        candidates = torch.nonzero(above.reshape(-1)).reshape(-1)  # box-major, class-minor
         box_index = torch.div(candidates, num_classes, rounding_mode="floor")  # into (B·K)
         image = torch.div(box_index, num_boxes, rounding_mode="floor")
         label = candidates - box_index * num_classes
