@@ -275,6 +275,24 @@ def test_cls_loss_weight_and_bias_and_power():
     torch.testing.assert_close(linear.neg_weights.double(), pre * loss.sum() / (pre * loss).sum(), atol=1e-6, rtol=0)
 
 
+def test_zero_loss_weight_keeps_the_unnormalised_weights():
+    # cls_loss_weight 0 makes every L_j = 0: Σ w·L = 0, so the weights stay the square roots of
+    # (7 - R)/7 (T7, n_exp = 5) instead of becoming NaN.
+    (result,) = hlr_sampler(num=5, cls_loss_weight=0.0).sample_batch([assignment([0] * 9)], [T7_BOXES],
+                                                                     scorer=t7_scorer())
+    expected = (torch.tensor([7.0, 6, 5, 4, 3]) / 7).sqrt()
+    torch.testing.assert_close(result.neg_weights, expected)
+
+
+def test_half_precision_scorer_outputs_are_upcast():
+    table = t7_scorer()
+    half = TableScorer(table.boxes, table.logits.half(), table.deltas.half())
+    (result,) = hlr_sampler(num=5).sample_batch([assignment([0] * 9)], [T7_BOXES], scorer=half)
+    assert result.neg_weights.dtype == torch.float32 and result.neg_inds.tolist() == [0, 2, 6, 1, 4]
+    torch.testing.assert_close(result.neg_weights, torch.tensor([1.126220, 1.042678, 0.951830, 0.851343, 0.737284]),
+                               atol=2e-3, rtol=0)
+
+
 def test_scorer_errors_name_the_expected_shapes():
     sampler = hlr_sampler(num_classes=3)
     with pytest.raises(ValueError, match="needs scorer"):
