@@ -11,12 +11,24 @@ Key mapping for RetinaNet (method doc §7.4; pisa names on the right):
 ``bbox_head.retina_cls.*`` / ``bbox_head.retina_reg.*``   ``head.cls_logits.*`` / ``head.bbox_reg.*``
 ====================================================  ============================================
 
+Faster / Mask R-CNN (``faster_rcnn``, ``mask_rcnn``):
+
+====================================================  ============================================
+``neck.lateral_convs.{i}.conv.*`` (i = 0..3)          ``neck.lateral_convs.{i}.*``
+``neck.fpn_convs.{i}.conv.*`` (i = 0..3)              ``neck.output_convs.{i}.*`` (P6 is a max-pool)
+``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*``             ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
+``roi_head.bbox_head.{shared_fcs.{0,1},fc_cls,fc_reg}.*``  unchanged
+``roi_head.mask_head.convs.{i}.conv.*``               ``roi_head.mask_head.convs.{i}.*``
+``roi_head.mask_head.{upsample,conv_logits}.*``       unchanged
+====================================================  ============================================
+
 BatchNorm ``num_batches_tracked`` buffers are kept (pisa's BatchNorm layers have them too).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import re
 from typing import Any
@@ -26,9 +38,22 @@ import torch
 from torch import Tensor
 
 __all__ = ["is_mmdet_checkpoint", "read_mmdet_checkpoint", "convert_mmdet_state_dict", "mmdet_class_names",
-           "convert_mmdet_checkpoint", "infer_model_cfg", "RENAME_RULES"]
+           "convert_mmdet_checkpoint", "infer_model_cfg", "mmdet_model_type", "RENAME_RULES"]
 
 MMDET_PREFIXES = ("backbone.", "neck.", "bbox_head.", "rpn_head.", "roi_head.")
+
+# Faster R-CNN; Mask R-CNN adds the mask head. A key of the other model type finds no rule (unmapped).
+_TWO_STAGE_RULES: list[tuple[str, str]] = [
+    (r"^backbone\.", "backbone."),
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"neck.lateral_convs.\1."),
+    (r"^neck\.fpn_convs\.(\d+)\.conv\.", r"neck.output_convs.\1."),
+    (r"^rpn_head\.(rpn_conv|rpn_cls|rpn_reg)\.", r"rpn.head.\1."),
+    (r"^roi_head\.bbox_head\.(shared_fcs\.\d+|fc_cls|fc_reg)\.", r"roi_head.bbox_head.\1."),
+]
+_MASK_RULES: list[tuple[str, str]] = [
+    (r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.", r"roi_head.mask_head.convs.\1."),
+    (r"^roi_head\.mask_head\.(upsample|conv_logits)\.", r"roi_head.mask_head.\1."),
+]
 
 # (pattern, replacement) per model type; the first matching rule renames a key, no match = unexpected.
 RENAME_RULES: dict[str, list[tuple[str, str]]] = {
@@ -42,6 +67,8 @@ RENAME_RULES: dict[str, list[tuple[str, str]]] = {
         (r"^bbox_head\.retina_cls\.", "head.cls_logits."),
         (r"^bbox_head\.retina_reg\.", "head.bbox_reg."),
     ],
+    "faster_rcnn": _TWO_STAGE_RULES,
+    "mask_rcnn": _TWO_STAGE_RULES + _MASK_RULES,
 }
 
 
@@ -156,15 +183,22 @@ def convert_mmdet_state_dict(state_dict: dict[str, Tensor], model_cfg: dict) -> 
     return converted
 
 
-def infer_model_cfg(state_dict: dict[str, Tensor], base_model_cfg: dict) -> dict:
-    """Adapt ``base_model_cfg`` (a RetinaNet ``model:`` section) to the sizes found in a state dict.
+def mmdet_model_type(state_dict: dict[str, Tensor]) -> str:
+    """The pisa ``model.type`` an mmdetection state dict holds: ``retinanet``, ``faster_rcnn`` or ``mask_rcnn``.
 
-    Infers the backbone type from the block counts and conv groups, ``num_classes`` from the classifier,
-    and the neck/head widths and tower depth.
+    Recognised by the classifier's key (``bbox_head.retina_cls`` / ``roi_head.bbox_head.fc_cls``) and, for
+    R-CNN, a mask head's ``roi_head.mask_head.conv_logits``. Raises ``ValueError`` for anything else.
     """
-    cfg = copy.deepcopy(base_model_cfg)
-    if "bbox_head.retina_cls.weight" not in state_dict:
-        raise ValueError("only RetinaNet checkpoints (bbox_head.retina_cls.*) can be converted so far")
+    if "bbox_head.retina_cls.weight" in state_dict:
+        return "retinanet"
+    if "roi_head.bbox_head.fc_cls.weight" in state_dict:
+        return "mask_rcnn" if "roi_head.mask_head.conv_logits.weight" in state_dict else "faster_rcnn"
+    raise ValueError("unrecognised mmdetection checkpoint: expected RetinaNet (bbox_head.retina_cls.*) or "
+                     "Faster / Mask R-CNN (roi_head.bbox_head.fc_cls.*) weights")
+
+
+def _backbone_type(state_dict: dict[str, Tensor]) -> str:
+    """pisa backbone name from the block counts per stage and the grouping of the 3x3 convs."""
     blocks = {s: len({k.split(".")[2] for k in state_dict if k.startswith(f"backbone.layer{s}.")})
               for s in (1, 2, 3, 4)}
     counts = tuple(blocks.values())
@@ -176,15 +210,52 @@ def infer_model_cfg(state_dict: dict[str, Tensor], base_model_cfg: dict) -> dict
         raise ValueError(f"unsupported ResNet block counts {counts} per stage")
     conv2 = state_dict["backbone.layer1.0.conv2.weight"]
     grouped = conv2.shape[1] != conv2.shape[0]  # ResNeXt: [m, m / groups, 3, 3]
-    cfg["backbone"]["type"] = "resnext101_32x4d" if grouped else f"resnet{depth}"
+    return "resnext101_32x4d" if grouped else f"resnet{depth}"
+
+
+def _count(state_dict: dict[str, Tensor], pattern: str) -> int:
+    return sum(1 for k in state_dict if re.match(pattern, k))
+
+
+def infer_model_cfg(state_dict: dict[str, Tensor], base_model_cfg: dict) -> dict:
+    """Adapt ``base_model_cfg`` (a ``model:`` section of the checkpoint's model type) to a state dict's sizes.
+
+    Infers the backbone type from the block counts and conv groups, ``num_classes`` from the classifier
+    (R-CNN: ``fc_cls`` rows minus the background), and the neck and head widths and depths. Raises
+    ``ValueError`` when the base section is for another model type than the weights.
+    """
+    model_type = mmdet_model_type(state_dict)
+    if base_model_cfg.get("type") != model_type:
+        raise ValueError(f"the checkpoint holds {model_type} weights but the base model section is "
+                         f"model.type {base_model_cfg.get('type')!r}; use a {model_type} config")
+    cfg = copy.deepcopy(base_model_cfg)
+    cfg["backbone"]["type"] = _backbone_type(state_dict)
+    cfg["neck"]["out_channels"] = state_dict["neck.lateral_convs.0.conv.weight"].shape[0]
+    if model_type == "retinanet":
+        _infer_retinanet(state_dict, cfg)
+    else:
+        _infer_two_stage(state_dict, cfg)
+    return cfg
+
+
+def _infer_retinanet(state_dict: dict[str, Tensor], cfg: dict) -> None:
     cls_w = state_dict["bbox_head.retina_cls.weight"]
     num_anchors = state_dict["bbox_head.retina_reg.weight"].shape[0] // 4
     cfg["num_classes"] = cls_w.shape[0] // num_anchors
-    cfg["neck"]["out_channels"] = state_dict["neck.lateral_convs.0.conv.weight"].shape[0]
     cfg["head"]["feat_channels"] = cls_w.shape[1]
-    tower = r"bbox_head\.cls_convs\.\d+\.conv\.weight$"
-    cfg["head"]["stacked_convs"] = sum(1 for k in state_dict if re.match(tower, k))
-    return cfg
+    cfg["head"]["stacked_convs"] = _count(state_dict, r"bbox_head\.cls_convs\.\d+\.conv\.weight$")
+
+
+def _infer_two_stage(state_dict: dict[str, Tensor], cfg: dict) -> None:
+    cfg["num_classes"] = state_dict["roi_head.bbox_head.fc_cls.weight"].shape[0] - 1  # background last
+    cfg["rpn"]["feat_channels"] = state_dict["rpn_head.rpn_conv.weight"].shape[0]
+    fc0 = state_dict["roi_head.bbox_head.shared_fcs.0.weight"]  # [fc, C·roi·roi]
+    roi_head = cfg["roi_head"]
+    roi_head["fc_channels"] = fc0.shape[0]
+    roi_head["roi_size"] = round(math.sqrt(fc0.shape[1] / cfg["neck"]["out_channels"]))
+    if "mask" in roi_head and "roi_head.mask_head.conv_logits.weight" in state_dict:
+        roi_head["mask"]["num_convs"] = _count(state_dict, r"roi_head\.mask_head\.convs\.\d+\.conv\.weight$")
+        roi_head["mask"]["conv_channels"] = state_dict["roi_head.mask_head.conv_logits.weight"].shape[1]
 
 
 def convert_mmdet_checkpoint(checkpoint: dict, model_cfg: dict, source: str = "") -> dict:

@@ -96,15 +96,62 @@ def _test_scales(pipeline: Any) -> list | None:
     return None
 
 
+def _nms_iou(nms: Any) -> Any:
+    """The IoU threshold of an mmdetection ``nms=dict(...)`` (``iou_threshold``; ``iou_thr`` before v2.5)."""
+    nms = nms if isinstance(nms, dict) else {}
+    return nms.get("iou_threshold", nms.get("iou_thr"))
+
+
+def _roi_layer(roi_head: dict, branch: str, key: str, old_key: str) -> Any:
+    """A setting of the ``{branch}_roi_extractor``'s RoIAlign (v2.0 names: ``out_size``, ``sample_num``)."""
+    layer = _get(roi_head, f"{branch}_roi_extractor.roi_layer")
+    if not isinstance(layer, dict):
+        return None
+    return layer.get(key, layer.get(old_key))
+
+
+def _two_stage_settings(model: dict, test_cfg: dict) -> dict[str, Any]:
+    """Faster / Mask R-CNN test settings: RPN proposals, R-CNN post-processing, anchors, coders, RoI sizes.
+
+    RPN: early v2 files write ``nms_post`` (the count kept after NMS) and ``nms_thr``, later ones
+    ``max_per_img`` and ``nms=dict(iou_threshold=...)``; ``max_num`` only counted with NMS across levels.
+    """
+    rpn_head = model.get("rpn_head") or {}
+    roi_head = model.get("roi_head") or {}
+    rpn = test_cfg.get("rpn") or {}
+    rcnn = test_cfg.get("rcnn") or {}
+    rpn_count = next((rpn[k] for k in ("max_per_img", "nms_post", "max_num") if k in rpn), None)
+    rpn_iou = _nms_iou(rpn.get("nms"))
+    return {
+        "model.rpn.anchors.scales": _get(rpn_head, "anchor_generator.scales"),
+        "model.rpn.anchors.ratios": _get(rpn_head, "anchor_generator.ratios"),
+        "model.rpn.anchors.strides": _get(rpn_head, "anchor_generator.strides"),
+        "model.rpn.coder.stds": _get(rpn_head, "bbox_coder.target_stds"),
+        "model.rpn.test.nms_pre": rpn.get("nms_pre"),
+        "model.rpn.test.max_per_img": rpn_count,
+        "model.rpn.test.nms_iou": rpn_iou if rpn_iou is not None else rpn.get("nms_thr"),
+        "model.roi_head.roi_size": _roi_layer(roi_head, "bbox", "output_size", "out_size"),
+        "model.roi_head.sampling_ratio": _roi_layer(roi_head, "bbox", "sampling_ratio", "sample_num"),
+        "model.roi_head.finest_scale": _get(roi_head, "bbox_roi_extractor.finest_scale"),
+        "model.roi_head.coder.stds": _get(roi_head, "bbox_head.bbox_coder.target_stds"),
+        "model.roi_head.mask.roi_size": _roi_layer(roi_head, "mask", "output_size", "out_size"),
+        "model.roi_head.test.score_thr": rcnn.get("score_thr"),
+        "model.roi_head.test.nms_iou": _nms_iou(rcnn.get("nms")),
+        "model.roi_head.test.max_per_img": rcnn.get("max_per_img"),
+        "model.roi_head.test.mask_thr": rcnn.get("mask_thr_binary"),
+    }
+
+
 def _settings(mm: dict) -> dict[str, Any]:
     """pisa config key -> the embedded config's value, for the settings both describe."""
     model = mm.get("model") or {}
-    head = model.get("bbox_head") or {}
+    head = model.get("bbox_head") or _get(model, "roi_head.bbox_head") or {}
     test_cfg = model.get("test_cfg") or mm.get("test_cfg") or {}  # v2.0-2.4 keep it at the top level
     nms = test_cfg.get("nms") or {}
     norm = mm.get("img_norm_cfg") or {}
     backbone = model.get("backbone") or {}
     return {
+        **_two_stage_settings(model, test_cfg),
         "model.backbone.type": _backbone_type(backbone) if backbone else None,
         "model.num_classes": head.get("num_classes"),
         "model.anchors.octave_base_scale": _get(head, "anchor_generator.octave_base_scale"),
