@@ -102,11 +102,6 @@ class RoITargets:
     img_inds: Tensor
     num_pos: list[int]
 
-    @property
-    def pos_mask(self) -> Tensor:
-        """bool ``(N,)``: foreground samples."""
-        return self.gt_inds >= 0
-
 
 class RoIHead(nn.Module):
     """The second stage of Faster / Mask R-CNN, with optional PISA (ISR-N via the sampler, ISR-P, CARL).
