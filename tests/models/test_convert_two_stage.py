@@ -196,3 +196,21 @@ def test_embedded_config_check_covers_the_two_stage_test_settings():
                            "model.roi_head.roi_size: checkpoint 5, config 7",
                            "model.roi_head.sampling_ratio: checkpoint 2, config 0",
                            "model.roi_head.test.nms_iou: checkpoint 0.3, config 0.5"]
+
+
+def test_load_from_takes_the_converted_weights(tmp_path, capsys):
+    """``load_from`` with an mmdetection Faster R-CNN file: converted on load, every tensor taken."""
+    from pisa import train as pisa_train
+
+    cfg = load_config(str(REPO / CONFIGS[("faster_rcnn", "r50")]),
+                      ["model.backbone.pretrained=null", *[o for o in _SMALL if ".mask." not in o]], check_paths=False)
+    torch.manual_seed(0)
+    original = build_model(cfg).state_dict()
+    path = tmp_path / "faster.pth"
+    torch.save({"state_dict": collections.OrderedDict((_to_mmdet_name(k), v) for k, v in original.items()),
+                "meta": {}}, path)
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    pisa_train.load_initial_weights(model, dict(cfg, load_from=str(path)), trust=False)
+    assert f"{len(original)} tensors loaded; missing 0" in capsys.readouterr().out
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
