@@ -55,6 +55,33 @@ _MASK_RULES: list[tuple[str, str]] = [
     (r"^roi_head\.mask_head\.(upsample|conv_logits)\.", r"roi_head.mask_head.\1."),
 ]
 
+# PAA (mmdetection's PAAHead, an ATSS-style head). No reference key list is shipped with pisa: these rules
+# follow the head's structure (mmcv ConvModule towers ``{cls,reg}_convs.i.{conv,gn}``, ``atss_cls``,
+# ``atss_reg``, ``atss_centerness`` = the IoU branch, ``scales.i.scale``). The neck keys are RetinaNet's;
+# only ``fpn_convs.3`` (P6) reads the P5 output, so its input width is the FPN's.
+_PAA_RULES: list[tuple[str, str]] = [
+    (r"^backbone\.", "backbone."),
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"neck.lateral_convs.\1."),
+    (r"^neck\.fpn_convs\.([012])\.conv\.", r"neck.output_convs.\1."),
+    (r"^neck\.fpn_convs\.3\.conv\.", "neck.p6_conv."),
+    (r"^neck\.fpn_convs\.4\.conv\.", "neck.p7_conv."),
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.(conv|gn)\.", r"head.\1_convs.\2.\3."),
+    (r"^bbox_head\.atss_cls\.", "head.cls_logits."),
+    (r"^bbox_head\.atss_reg\.", "head.bbox_reg."),
+    (r"^bbox_head\.atss_centerness\.", "head.iou_pred."),
+    (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1"),
+]
+
+# SSD: both the pre-v2.14 layout of the published PISA SSD files (method doc §7.5: backbone.extra.{i},
+# backbone.l2_norm, bbox_head.{cls,reg}_convs.{l}) and the current one (neck.extra_layers.{i//2}.{i%2}.conv,
+# neck.l2_norm, bbox_head.{cls,reg}_convs.{l}.0) map onto pisa's names, which are the older layout's.
+_SSD_RULES: list[tuple[str, str]] = [
+    (r"^backbone\.(features|extra)\.", r"backbone.\1."),
+    (r"^(?:backbone|neck)\.l2_norm\.", "backbone.l2_norm."),
+    *[(rf"^neck\.extra_layers\.{k}\.{j}\.conv\.", f"backbone.extra.{2 * k + j}.") for k in range(5) for j in (0, 1)],
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.(?:0\.)?(weight|bias)$", r"head.\1_convs.\2.\3"),
+]
+
 # (pattern, replacement) per model type; the first matching rule renames a key, no match = unexpected.
 RENAME_RULES: dict[str, list[tuple[str, str]]] = {
     "retinanet": [
@@ -69,6 +96,8 @@ RENAME_RULES: dict[str, list[tuple[str, str]]] = {
     ],
     "faster_rcnn": _TWO_STAGE_RULES,
     "mask_rcnn": _TWO_STAGE_RULES + _MASK_RULES,
+    "ssd": _SSD_RULES,
+    "paa": _PAA_RULES,
 }
 
 
@@ -191,8 +220,12 @@ def mmdet_model_type(state_dict: dict[str, Tensor]) -> str:
     """
     if "bbox_head.retina_cls.weight" in state_dict:
         return "retinanet"
+    if "bbox_head.atss_centerness.weight" in state_dict:  # PAA (pisa has no ATSS, whose layout is the same)
+        return "paa"
     if "roi_head.bbox_head.fc_cls.weight" in state_dict:
         return "mask_rcnn" if "roi_head.mask_head.conv_logits.weight" in state_dict else "faster_rcnn"
+    if "backbone.features.0.weight" in state_dict:  # VGG16 trunk: SSD300 / SSD512, either layout
+        return "ssd"
     raise ValueError("unrecognised mmdetection checkpoint: expected RetinaNet (bbox_head.retina_cls.*) or "
                      "Faster / Mask R-CNN (roi_head.bbox_head.fc_cls.*) weights")
 
@@ -229,10 +262,14 @@ def infer_model_cfg(state_dict: dict[str, Tensor], base_model_cfg: dict) -> dict
         raise ValueError(f"the checkpoint holds {model_type} weights but the base model section is "
                          f"model.type {base_model_cfg.get('type')!r}; use a {model_type} config")
     cfg = copy.deepcopy(base_model_cfg)
+    if model_type == "ssd":  # VGG16 trunk, no neck
+        return _infer_ssd(state_dict, cfg)
     cfg["backbone"]["type"] = _backbone_type(state_dict)
     cfg["neck"]["out_channels"] = state_dict["neck.lateral_convs.0.conv.weight"].shape[0]
     if model_type == "retinanet":
         _infer_retinanet(state_dict, cfg)
+    elif model_type == "paa":
+        _infer_paa(state_dict, cfg)
     else:
         _infer_two_stage(state_dict, cfg)
     return cfg
@@ -242,6 +279,13 @@ def _infer_retinanet(state_dict: dict[str, Tensor], cfg: dict) -> None:
     cls_w = state_dict["bbox_head.retina_cls.weight"]
     num_anchors = state_dict["bbox_head.retina_reg.weight"].shape[0] // 4
     cfg["num_classes"] = cls_w.shape[0] // num_anchors
+    cfg["head"]["feat_channels"] = cls_w.shape[1]
+    cfg["head"]["stacked_convs"] = _count(state_dict, r"bbox_head\.cls_convs\.\d+\.conv\.weight$")
+
+
+def _infer_paa(state_dict: dict[str, Tensor], cfg: dict) -> None:
+    cls_w = state_dict["bbox_head.atss_cls.weight"]
+    cfg["num_classes"] = cls_w.shape[0]  # one anchor per location
     cfg["head"]["feat_channels"] = cls_w.shape[1]
     cfg["head"]["stacked_convs"] = _count(state_dict, r"bbox_head\.cls_convs\.\d+\.conv\.weight$")
 
@@ -256,6 +300,32 @@ def _infer_two_stage(state_dict: dict[str, Tensor], cfg: dict) -> None:
     if "mask" in roi_head and "roi_head.mask_head.conv_logits.weight" in state_dict:
         roi_head["mask"]["num_convs"] = _count(state_dict, r"roi_head\.mask_head\.convs\.\d+\.conv\.weight$")
         roi_head["mask"]["conv_channels"] = state_dict["roi_head.mask_head.conv_logits.weight"].shape[1]
+
+
+# The reference anchors of each SSD input size (method doc §7.2), keyed by its number of extra convs.
+_SSD_LAYOUTS = {
+    8: (300, {"strides": [8, 16, 32, 64, 100, 300], "ratio_range": [0.15, 0.9],
+              "ratios": [[2], [2, 3], [2, 3], [2, 3], [2], [2]]}),
+    10: (512, {"strides": [8, 16, 32, 64, 128, 256, 512], "ratio_range": [0.1, 0.9],
+               "ratios": [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]]}),
+}
+
+
+def _infer_ssd(state_dict: dict[str, Tensor], cfg: dict) -> dict:
+    """SSD300 or SSD512 (from the number of extra convs, in either layout), width and ``num_classes``."""
+    extra = _count(state_dict, r"backbone\.extra\.\d+\.weight$") or \
+        _count(state_dict, r"neck\.extra_layers\.\d+\.\d\.conv\.weight$")
+    if extra not in _SSD_LAYOUTS:
+        raise ValueError(f"unsupported SSD checkpoint: {extra} extra convs (SSD300 has 8, SSD512 10)")
+    input_size, anchors = _SSD_LAYOUTS[extra]
+    if cfg.get("input_size") != input_size:
+        cfg["input_size"], cfg["anchors"] = input_size, copy.deepcopy(anchors)
+    cfg["backbone"]["width"] = state_dict["backbone.features.0.weight"].shape[0] / 64
+    cfg["backbone"]["extra_layers"] = None
+    cls = next(v for k, v in state_dict.items() if re.match(r"bbox_head\.cls_convs\.0\.(0\.)?weight$", k))
+    reg = next(v for k, v in state_dict.items() if re.match(r"bbox_head\.reg_convs\.0\.(0\.)?weight$", k))
+    cfg["num_classes"] = cls.shape[0] // (reg.shape[0] // 4) - 1  # A·(C+1) channels, background last
+    return cfg
 
 
 def convert_mmdet_checkpoint(checkpoint: dict, model_cfg: dict, source: str = "") -> dict:

@@ -239,3 +239,47 @@ def test_experimental_isr_p_on_paa_changes_only_the_classification_gradient():
     a["loss_cls"].backward()
     b["loss_cls"].backward()
     assert not torch.allclose(plain.head.cls_logits.weight.grad, isr.head.cls_logits.weight.grad, rtol=1e-3)
+
+
+def _mmdet_paa_r50_state_dict() -> dict[str, torch.Tensor]:
+    """An mmdetection PAA R-50 state dict, synthesised: the backbone rows of the shipped RetinaNet R-50 key
+    list (same ResNet), plus the neck and head keys written out from the PAA head's structure (no
+    reference key list of PAA is available; see pisa/models/convert.py)."""
+    state = {}
+    for line in (REPO / "tests/data_files/mmdet_keys/retinanet_r50_fpn.tsv").read_text().splitlines():
+        if line.startswith("backbone."):
+            key, shape, dtype = line.split("\t")
+            dims = [] if shape in ("", "()", "scalar") else [int(d) for d in shape.split("x")]
+            state[key] = torch.zeros(dims, dtype=getattr(torch, dtype))
+    for i, c in enumerate((512, 1024, 2048)):
+        state[f"neck.lateral_convs.{i}.conv.weight"] = torch.zeros(256, c, 1, 1)
+        state[f"neck.lateral_convs.{i}.conv.bias"] = torch.zeros(256)
+    for i in range(5):  # fpn_convs.3 (P6) reads the 256-channel P5 output ("on_output")
+        state[f"neck.fpn_convs.{i}.conv.weight"] = torch.zeros(256, 256, 3, 3)
+        state[f"neck.fpn_convs.{i}.conv.bias"] = torch.zeros(256)
+        state[f"bbox_head.scales.{i}.scale"] = torch.tensor(1.0)
+    for tower in ("cls", "reg"):
+        for i in range(4):
+            state[f"bbox_head.{tower}_convs.{i}.conv.weight"] = torch.zeros(256, 256, 3, 3)  # bias-free
+            state[f"bbox_head.{tower}_convs.{i}.gn.weight"] = torch.ones(256)
+            state[f"bbox_head.{tower}_convs.{i}.gn.bias"] = torch.zeros(256)
+    for name, out in (("atss_cls", 80), ("atss_reg", 4), ("atss_centerness", 1)):
+        state[f"bbox_head.{name}.weight"] = torch.zeros(out, 256, 3, 3)
+        state[f"bbox_head.{name}.bias"] = torch.zeros(out)
+    return state
+
+
+def test_mmdet_paa_checkpoint_keys_map_onto_the_model():
+    from pisa.models.convert import convert_mmdet_state_dict, infer_model_cfg, mmdet_model_type
+
+    state = _mmdet_paa_r50_state_dict()
+    state["bbox_head.scales.3.scale"] = torch.tensor(1.5)
+    assert mmdet_model_type(state) == "paa"
+    base = load_config(str(PAA_CFG), check_paths=False)["model"]
+    cfg = infer_model_cfg(state, base)
+    assert (cfg["backbone"]["type"], cfg["num_classes"], cfg["head"]["stacked_convs"]) == ("resnet50", 80, 4)
+    converted = convert_mmdet_state_dict(state, cfg)  # raises on any unmapped / missing / mis-shaped key
+    assert len(converted) == len(state)
+    assert converted["head.scales.3"].item() == 1.5
+    assert converted["head.iou_pred.weight"].shape == (1, 256, 3, 3)
+    assert converted["neck.p6_conv.weight"].shape == (256, 256, 3, 3)
