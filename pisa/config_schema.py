@@ -139,6 +139,11 @@ RETINANET = Section({
         "score_thr": _num(0.05, "least score of a detection", **_PROB),
         "nms_iou": _num(0.5, "NMS IoU threshold", **_PROB),
         "max_per_img": _int(100, "detections kept per image", min=1),
+        "topk_rule": _choice("v2", ("v2", "v3"), "per-level candidates: v2 = top nms_pre anchors by max class "
+                             "score (the published checkpoints' rule); v3 = top nms_pre (anchor, class) pairs "
+                             "above score_thr (mmdetection 3.x)"),
+        "min_bbox_size": _num(0.0, "keep boxes wider and taller than this (original-image pixels); 0 drops "
+                              "zero-size boxes, negative keeps all (mmdetection v2's RetinaNet)"),
     }, "inference post-processing"),
 }, "RetinaNet")
 

@@ -62,7 +62,9 @@ def build_retinanet(cfg: dict) -> RetinaNet:
         isr_p=isr_settings, carl=carl_settings, pad_divisor=cfg.get("data", {}).get("pad_divisor", 32))
     t = m["test"]
     postprocessor = RetinaNetPostProcessor(anchor_generator, coder, nms_pre=t["nms_pre"], score_thr=t["score_thr"],
-                                           nms_iou=t["nms_iou"], max_per_img=t["max_per_img"])
+                                           nms_iou=t["nms_iou"], max_per_img=t["max_per_img"],
+                                           topk_rule=t.get("topk_rule", "v2"),
+                                           min_bbox_size=t.get("min_bbox_size", 0.0))
     if cfg.get("sampling_free"):  # replaces the focal criterion and the test thresholds (method doc §8.2)
         criterion, postprocessor = sampling_free_parts(cfg, head, criterion, postprocessor)
     return RetinaNet(backbone, neck, head, criterion, postprocessor)

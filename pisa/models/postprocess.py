@@ -1,8 +1,17 @@
 """Test-time post-processing of dense heads: top-k, decode, multi-class NMS, rescale (method spec §7.3).
 
-This is the reference RetinaNet test behaviour: per level keep the ``nms_pre`` anchors with the highest
-max-class sigmoid score, decode them clipped to the resized image, concatenate the levels, return to
-original-image coordinates, then per-class NMS on ``score > score_thr`` and keep the best ``max_per_img``.
+This is the reference RetinaNet test behaviour: per level keep the top ``nms_pre`` candidates, decode them
+clipped to the resized image, concatenate the levels, return to original-image coordinates, drop boxes not
+wider and taller than ``min_bbox_size`` (0: zero-size boxes, which clipping produces at the image border;
+negative: keep all, as mmdetection v2's RetinaNet did), then per-class NMS on ``score > score_thr`` and keep
+the best ``max_per_img``.
+
+Two rules pick the per-level candidates (``topk_rule``):
+
+* ``"v2"`` (default): the ``nms_pre`` anchors with the highest max-class score, all their classes kept.
+  mmdetection v2 scored the published checkpoints this way.
+* ``"v3"``: the ``nms_pre`` (anchor, class) pairs with the highest scores among those above
+  ``score_thr``, as mmdetection 3.x does. It never keeps more candidates than ``"v2"``.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from pisa.models.box_coder import DeltaXYWHCoder
+
+TOPK_RULES = ("v2", "v3")
 
 
 def multiclass_nms(
@@ -71,6 +82,8 @@ def dense_postprocess(
     score_thr: float,
     nms_iou: float,
     max_per_img: int,
+    topk_rule: str = "v2",
+    min_bbox_size: float = 0.0,
 ) -> dict[str, Tensor]:
     """Detections of ONE image from a sigmoid dense head (RetinaNet).
 
@@ -81,8 +94,12 @@ def dense_postprocess(
         coder: the head's delta coder.
         img_shape: ``(h, w)`` of the resized image (before padding); boxes are clipped to it.
         scale_factor: ``(sx, sy)`` with ``resized = original · s``.
-        nms_pre: per level, keep the anchors with the top ``nms_pre`` max-class scores (all when ``≤ 0``).
+        nms_pre: per level, the number of candidates kept (all when ``≤ 0``); see ``topk_rule``.
         score_thr, nms_iou, max_per_img: see :func:`multiclass_nms`.
+        topk_rule: ``"v2"``: the top ``nms_pre`` anchors by max-class score; ``"v3"``: the top
+            ``nms_pre`` (anchor, class) pairs with ``score > score_thr`` (see the module doc).
+        min_bbox_size: keep boxes with width and height ``> min_bbox_size`` in original-image pixels
+            (default 0: drop zero-size boxes); negative keeps every box.
 
     Returns:
         ``{"boxes": (D, 4), "scores": (D,), "labels": (D,) int64}`` in original-image coordinates.
@@ -90,7 +107,7 @@ def dense_postprocess(
     return dense_postprocess_batch(
         [scores[None] for scores in cls_scores], [preds[None] for preds in bbox_preds], anchors, coder,
         [img_shape], [scale_factor], nms_pre=nms_pre, score_thr=score_thr, nms_iou=nms_iou,
-        max_per_img=max_per_img,
+        max_per_img=max_per_img, topk_rule=topk_rule, min_bbox_size=min_bbox_size,
     )[0]
 
 
@@ -106,12 +123,25 @@ def dense_postprocess_batch(
     score_thr: float,
     nms_iou: float,
     max_per_img: int,
+    topk_rule: str = "v2",
+    min_bbox_size: float = 0.0,
 ) -> list[dict[str, Tensor]]:
     """:func:`dense_postprocess` for a batch: per level ``(B, H·W·A, C)`` logits and ``(B, H·W·A, 4)``
     deltas, anchors shared by the batch, and one ``img_shape`` / ``scale_factor`` per image.
 
-    Top-k, decoding and rescaling run batched; NMS runs per image. Returns one dict per image.
+    With ``topk_rule="v2"`` top-k, decoding and rescaling run batched and NMS per image; with ``"v3"``
+    the candidate count differs per image, so everything runs per image. Returns one dict per image.
     """
+    if topk_rule not in TOPK_RULES:
+        raise ValueError(f"model.test.topk_rule: unknown rule {topk_rule!r}; valid rules: {list(TOPK_RULES)} "
+                         "(v2: top nms_pre anchors per level by max class score; v3: top nms_pre "
+                         "(anchor, class) pairs per level above score_thr)")
+    settings = dict(nms_pre=nms_pre, score_thr=score_thr, nms_iou=nms_iou, max_per_img=max_per_img,
+                    min_bbox_size=min_bbox_size)
+    if topk_rule == "v3":
+        return [_postprocess_pairs_per_image([s[i] for s in cls_scores], [d[i] for d in bbox_preds], anchors, coder,
+                                             img_shapes[i], scale_factors[i], **settings)
+                for i in range(len(img_shapes))]
     level_boxes, level_scores = [], []
     for logits, deltas, level_anchors in zip(cls_scores, bbox_preds, anchors):
         scores, deltas, level_anchors = _top_candidates(logits.float().sigmoid(), deltas, level_anchors, nms_pre)
@@ -121,14 +151,61 @@ def dense_postprocess_batch(
     boxes = _clip_per_image(boxes, img_shapes)
     # The reference rescales before NMS; IoU is invariant to per-axis scaling, so the order only
     # matters to rounding, and following it keeps detections identical.
-    divisors = boxes.new_tensor([[sx, sy, sx, sy] for sx, sy in scale_factors])
-    boxes = boxes / divisors[:, None, :]
+    boxes = boxes / _rescale_divisors(boxes, scale_factors)[:, None, :]
     detections = []
     for image_boxes, image_scores in zip(boxes, scores):
-        kept_boxes, kept_scores, kept_labels = multiclass_nms(image_boxes, image_scores, score_thr, nms_iou,
-                                                              max_per_img)
+        sized = _large_enough(image_boxes, min_bbox_size)
+        kept_boxes, kept_scores, kept_labels = multiclass_nms(image_boxes[sized], image_scores[sized], score_thr,
+                                                              nms_iou, max_per_img)
         detections.append({"boxes": kept_boxes, "scores": kept_scores, "labels": kept_labels})
     return detections
+
+
+def _postprocess_pairs_per_image(
+    cls_scores: list[Tensor], bbox_preds: list[Tensor], anchors: list[Tensor], coder: DeltaXYWHCoder,
+    img_shape: tuple[int, int], scale_factor: tuple[float, float], *, nms_pre: int, score_thr: float,
+    nms_iou: float, max_per_img: int, min_bbox_size: float,
+) -> dict[str, Tensor]:
+    """The ``"v3"`` rule for ONE image: per level ``(N, C)`` logits, ``(N, 4)`` deltas and anchors."""
+    level_boxes, level_scores, level_labels = [], [], []
+    for logits, deltas, level_anchors in zip(cls_scores, bbox_preds, anchors):
+        rows, labels, scores = _top_pairs(logits.float().sigmoid(), score_thr, nms_pre)
+        level_boxes.append(coder.decode(level_anchors[rows], deltas[rows]))
+        level_scores.append(scores)
+        level_labels.append(labels)
+    boxes = _clip_per_image(torch.cat(level_boxes)[None], [img_shape])[0]
+    boxes = boxes / _rescale_divisors(boxes, [scale_factor])[0]
+    scores, labels = torch.cat(level_scores), torch.cat(level_labels)
+    sized = _large_enough(boxes, min_bbox_size)
+    kept_boxes, kept_scores, kept_labels = multiclass_nms(boxes[sized], scores[sized], score_thr, nms_iou,
+                                                          max_per_img, labels=labels[sized])
+    return {"boxes": kept_boxes, "scores": kept_scores, "labels": kept_labels}
+
+
+def _top_pairs(scores: Tensor, score_thr: float, nms_pre: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``nms_pre`` best (anchor, class) pairs with ``score > score_thr`` of one level.
+
+    ``scores`` ``(N, C)`` → anchor rows ``(k,)``, labels ``(k,)`` int64 and scores ``(k,)``, by
+    decreasing score (ties: anchor-major, class-minor order), ``k = min(nms_pre, #above)``.
+    """
+    above = torch.nonzero(scores > score_thr)  # (M, 2) rows, columns in anchor-major order
+    values = scores[above[:, 0], above[:, 1]]
+    order = torch.sort(values, descending=True, stable=True).indices
+    if nms_pre > 0:
+        order = order[:nms_pre]
+    return above[order, 0], above[order, 1], values[order]
+
+
+def _large_enough(boxes: Tensor, min_bbox_size: float) -> Tensor:
+    """Bool mask of ``(K, 4)`` boxes wider and taller than ``min_bbox_size`` (all true if it is negative)."""
+    if min_bbox_size < 0:
+        return torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    return (boxes[:, 2] - boxes[:, 0] > min_bbox_size) & (boxes[:, 3] - boxes[:, 1] > min_bbox_size)
+
+
+def _rescale_divisors(boxes: Tensor, scale_factors: list[tuple[float, float]]) -> Tensor:
+    """``(B, 4)`` per-image ``(sx, sy, sx, sy)``: dividing by it returns to original-image coordinates."""
+    return boxes.new_tensor([[sx, sy, sx, sy] for sx, sy in scale_factors])
 
 
 def _top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pisa.models.postprocess import dense_postprocess_batch
+from pisa.models.postprocess import TOPK_RULES, dense_postprocess_batch
 from pisa.models.retina_head import flatten_levels, level_anchors
 
 __all__ = ["RetinaNet", "RetinaNetPostProcessor"]
@@ -13,15 +13,22 @@ __all__ = ["RetinaNet", "RetinaNetPostProcessor"]
 class RetinaNetPostProcessor:
     """Turns head outputs into per-image detections in original-image coordinates.
 
-    Per image and level: the top ``nms_pre`` anchors by max sigmoid score, decoded and clipped to the
-    image's ``img_shape``; then rescaling by ``1 / scale_factor`` and multi-class NMS (see
-    ``pisa.models.postprocess.dense_postprocess_batch``).
+    Per image and level: the top ``nms_pre`` candidates, decoded and clipped to the image's
+    ``img_shape``; then rescaling by ``1 / scale_factor``, dropping zero-size boxes and multi-class NMS
+    (see ``pisa.models.postprocess.dense_postprocess_batch``). ``topk_rule`` picks the candidates:
+    ``"v2"`` (default, the rule the published checkpoints were scored with) the top anchors by max
+    sigmoid score, ``"v3"`` the top (anchor, class) pairs above ``score_thr`` (mmdetection 3.x).
+    ``min_bbox_size`` (default 0) drops boxes not wider and taller than it; negative keeps all.
     """
 
     def __init__(self, anchor_generator, coder, *, nms_pre: int = 1000, score_thr: float = 0.05,
-                 nms_iou: float = 0.5, max_per_img: int = 100) -> None:
+                 nms_iou: float = 0.5, max_per_img: int = 100, topk_rule: str = "v2",
+                 min_bbox_size: float = 0.0) -> None:
+        if topk_rule not in TOPK_RULES:
+            raise ValueError(f"model.test.topk_rule: unknown rule {topk_rule!r}; valid rules: {list(TOPK_RULES)}")
         self.anchor_generator, self.coder = anchor_generator, coder
         self.nms_pre, self.score_thr, self.nms_iou, self.max_per_img = nms_pre, score_thr, nms_iou, max_per_img
+        self.topk_rule, self.min_bbox_size = topk_rule, min_bbox_size
 
     def __call__(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], targets: list[dict]) -> list[dict]:
         """``cls_scores``/``bbox_preds``: per level ``(B, A*C, H, W)`` / ``(B, A*4, H, W)``; ``targets``: metas."""
@@ -33,7 +40,8 @@ class RetinaNetPostProcessor:
         return dense_postprocess_batch(scores, deltas, anchors_per_level, self.coder,
                                        [meta["img_shape"] for meta in targets],
                                        [meta["scale_factor"] for meta in targets], nms_pre=self.nms_pre,
-                                       score_thr=self.score_thr, nms_iou=self.nms_iou, max_per_img=self.max_per_img)
+                                       score_thr=self.score_thr, nms_iou=self.nms_iou, max_per_img=self.max_per_img,
+                                       topk_rule=self.topk_rule, min_bbox_size=self.min_bbox_size)
 
 
 class RetinaNet(nn.Module):
