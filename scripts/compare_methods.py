@@ -50,14 +50,15 @@ def schedule_overrides(config: str, epochs: int | None) -> list[str]:
     return [f"schedule.epochs={epochs}", f"schedule.steps={json.dumps(steps)}"]
 
 
-def train(name: str, config: str, work_dir: Path, extra: list[str]) -> float:
-    """Run the normal trainer in a subprocess; returns its wall time in seconds."""
+def train(name: str, config: str, work_dir: Path, extra: list[str], threads: int) -> float:
+    """Run the normal trainer in a subprocess with ``threads`` intra-op threads; returns its wall time (s)."""
     cmd = [sys.executable, "-m", "pisa.train", str(REPO / config), "--work-dir", str(work_dir),
            "--set", "train.eval_interval=0", *[a for item in extra for a in ("--set", item)]]
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     tic = time.perf_counter()
     with open(work_dir.parent / f"{name}.train.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     return time.perf_counter() - tic
 
 
@@ -131,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--out", default="work_dirs/compare_methods", help="folder of the runs and results")
     parser.add_argument("--reuse", action="store_true", help="skip training where OUT/NAME/latest.pth exists")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of each training run (default 1: on a shared CPU more threads "
+                             "oversubscribe the cores and a step can take 10x longer)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra config override for every variant (repeatable)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # the evaluations here, as the training runs
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = out / name
         timing = out / f"{name}.train_s"
         if not (args.reuse and (work_dir / "latest.pth").is_file()):
-            seconds = train(name, config, work_dir, schedule_overrides(config, args.epochs) + args.overrides)
+            seconds = train(name, config, work_dir, schedule_overrides(config, args.epochs) + args.overrides,
+                            args.threads)
             timing.write_text(f"{seconds:.1f}\n")
         rows[name] = {**evaluate_run(config, work_dir), "train_s": float(timing.read_text())}
         print(f"[{name}] " + json.dumps(rows[name]), flush=True)
