@@ -145,6 +145,54 @@ def test_proposals_match_torchvision_rpn_given_the_same_anchors():
     assert not torch.equal(proposals[0], proposals[1])  # the images' own clipping and scores
 
 
+def test_losses_match_torchvision_rpn_when_every_anchor_is_sampled():
+    """torchvision's RPN losses on the same anchors, head and GTs.
+
+    The two differ by design in the box loss (torchvision: SmoothL1 β 1/9; the reference: L1), so ours is
+    set to torchvision's here, and in the normaliser (torchvision: the number of sampled anchors; the
+    reference: Σ_img max(#pos, 1) + max(#neg, 1)), which agree when every image has positives and
+    negatives. With 213 anchors per image (a 28 x 28 input) both samplers take every assigned anchor, so no
+    random choice is involved. Low-quality matches differ in two ways that this case avoids: torchvision
+    has no least IoU (the reference needs min_pos_iou 0.3: each GT here has a best IoU of 0.56 or 0.47),
+    and it keeps such an anchor's own argmax GT where the reference gives it to the claiming GT (only
+    different with several GTs; there is one per image).
+    """
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(0)
+    head = RPNHead(8, 8, 3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.3)
+    rpn = RPN(head, rpn_anchor_generator(), DeltaXYWHCoder(), MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3),
+              RandomSampler(256, 0.5), train_proposals=ProposalSettings(50, 20),
+              test_proposals=ProposalSettings(50, 20), bbox_loss="smooth_l1", bbox_beta=1 / 9).train()
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(7, 7), (4, 4), (2, 2), (1, 1), (1, 1)]
+    feats = [torch.randn(2, 8, h, w, generator=gen) for h, w in sizes]
+    targets = [{"img_shape": (28, 28), "boxes": torch.tensor([[2.0, 2.0, 26.0, 26.0]]), "labels": torch.tensor([0])},
+               {"img_shape": (28, 28), "boxes": torch.tensor([[4.0, 0.0, 28.0, 20.0]]), "labels": torch.tensor([0])}]
+    anchors = rpn.anchor_generator.anchors(sizes)
+    assert anchors.shape[0] == 213
+
+    class OurAnchors(nn.Module):
+        def forward(self, images, features):
+            return [anchors] * 2
+
+    tv = RegionProposalNetwork(OurAnchors(), _torchvision_head_like(head), 0.7, 0.3, 256, 0.5,
+                               pre_nms_top_n={"training": 50, "testing": 50},
+                               post_nms_top_n={"training": 20, "testing": 20}, nms_thresh=0.7).train()
+    _, tv_losses = tv(ImageList(torch.zeros(2, 3, 28, 28), [(28, 28)] * 2), {str(i): f for i, f in enumerate(feats)},
+                      [{"boxes": t["boxes"]} for t in targets])
+    _, losses = rpn(feats, targets)
+    t = rpn.get_targets(anchors, sizes, targets)
+    # Both images have positives, and some anchors are ignored (IoU between 0.3 and 0.7).
+    assert bool((t.pos_inds < 213).any()) and bool((t.pos_inds >= 213).any()) and t.sample_inds.numel() < 2 * 213
+    torch.testing.assert_close(losses["loss_rpn_cls"], tv_losses["loss_objectness"])
+    torch.testing.assert_close(losses["loss_rpn_bbox"], tv_losses["loss_rpn_box_reg"])
+
+
 # ---- proposals on hand-made inputs -----------------------------------------------------------------
 
 def _apart(count, y=0.0, size=8.0, gap=20.0):
