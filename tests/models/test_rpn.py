@@ -389,3 +389,18 @@ def test_reference_loss_normaliser_is_not_the_sample_count_alone():
     t = rpn.get_targets(rpn.anchor_generator.anchors(sizes), sizes, [empty])
     assert t.sample_inds.numel() == 256 and t.pos_inds.numel() == 0 and t.avg_factor.item() == 257
     assert math.isclose(t.objectness.sum().item(), 0.0)
+
+
+def test_autocast_keeps_losses_and_proposals_in_fp32_and_close_to_fp32_values():
+    torch.manual_seed(0)
+    rpn = build_rpn(generator=torch.Generator().manual_seed(0)).train()
+    targets = [{"img_shape": (64, 64), "boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]),
+                "labels": torch.tensor([0])}] * 2
+    _, reference = rpn(pyramid(), targets)
+    rpn.generator.manual_seed(0)  # the same samples
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proposals, losses = rpn(pyramid(), targets)
+    assert all(p.dtype == torch.float32 for p in proposals)
+    for key, value in losses.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference[key], rtol=0.05, atol=1e-3)
