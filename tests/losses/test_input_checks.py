@@ -34,18 +34,22 @@ def carl_args(**changes):
 
 BAD_CALLS = [
     (lambda: sigmoid_focal_loss(z(3, 2), z(3)), TypeError,
-     "sigmoid_focal_loss: labels must have shape (N,) with N = 3 and an integer dtype; got shape (3,), dtype torch.float32"),
+     "sigmoid_focal_loss: labels must have shape (N,) with N = 3 and an integer dtype"
+     "; got shape (3,), dtype torch.float32"),
     (lambda: sigmoid_focal_loss(z(3), z(3, dtype=L)), ValueError,
-     "sigmoid_focal_loss: logits must have shape (N, C) and a floating-point dtype; got shape (3,), dtype torch.float32"),
+     "sigmoid_focal_loss: logits must have shape (N, C) and a floating-point dtype"
+     "; got shape (3,), dtype torch.float32"),
     (lambda: softmax_cross_entropy(z(3, 3), z(4, dtype=L)), ValueError,
-     "softmax_cross_entropy: labels must have shape (N,) with N = 3 and an integer dtype; got shape (4,), dtype torch.int64"),
+     "softmax_cross_entropy: labels must have shape (N,) with N = 3 and an integer dtype"
+     "; got shape (4,), dtype torch.int64"),
     (lambda: smooth_l1_loss(z(3, 4), z(3, 3)), ValueError,
      "smooth_l1_loss: target must have shape (3, 4) and a floating-point dtype; got shape (3, 3), dtype torch.float32 "
      "(the shape of pred)"),
     (lambda: l1_loss(z(3, 4, dtype=L), z(3, 4)), TypeError,
      "l1_loss: pred must be a tensor of a floating-point dtype; got shape (3, 4), dtype torch.int64"),
     (lambda: aligned_box_iou(z(3, 4), z(2, 4)), ValueError,
-     "aligned_box_iou: b must have shape (P, 4) with P = 3 and a floating-point dtype; got shape (2, 4), dtype torch.float32"),
+     "aligned_box_iou: b must have shape (P, 4) with P = 3 and a floating-point dtype"
+     "; got shape (2, 4), dtype torch.float32"),
     (lambda: gt_group_ids(z(3, dtype=L), z(3)), TypeError,
      "gt_group_ids: gt_inds must have shape (P,) with P = 3 and an integer dtype; got shape (3,), dtype torch.float32"),
     (lambda: iou_hlr(z(3, dtype=L), z(2, dtype=L), z(3)), ValueError,
@@ -55,7 +59,8 @@ BAD_CALLS = [
     (lambda: nms_match(z(3, 4), z(3), batch_ids=z(3)), TypeError,
      "nms_match: batch_ids must have shape (V,) with V = 3 and an integer dtype; got shape (3,), dtype torch.float32"),
     (lambda: score_hlr(z(3, 4), z(3, 1)), ValueError,
-     "score_hlr: scores must have shape (V,) with V = 3 and a floating-point dtype; got shape (3, 1), dtype torch.float32"),
+     "score_hlr: scores must have shape (V,) with V = 3 and a floating-point dtype"
+     "; got shape (3, 1), dtype torch.float32"),
     (lambda: isr_p(**isr_p_args(priors=z(3, 3))), ValueError,
      "isr_p: priors must have shape (N, 4) or (N, 5) with N = 3 and a floating-point dtype; got shape (3, 3), dtype "
      "torch.float32 (anchors / RoIs (x1, y1, x2, y2), or R-CNN RoIs (batch_index, x1, y1, x2, y2))"),
