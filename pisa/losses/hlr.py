@@ -10,8 +10,8 @@ from Python loops over classes, GTs, groups or images. Ties are broken by the lo
 
 Compat mode (``legacy_float_keys=True``) instead reproduces the reference's ranking call for call:
 its float32 keys, laid out per class (IoU-HLR) or per image (Score-HLR) in ascending sample order,
-ranked with ``torch.sort(key, descending=True)``, which is not stable (on CPU it keeps index order
-for at most 16 elements and scrambles longer runs of ties). That mode loops over classes, groups and
+ranked with ``torch.sort(key, descending=True)``, which is not stable (on CPU, equal keys keep
+their index order only in tensors of at most 16 elements). That mode loops over classes, groups and
 images as the reference does (defect D8); it exists for index-level comparisons with the reference.
 """
 

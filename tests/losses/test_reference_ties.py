@@ -1,7 +1,7 @@
 """Compat mode (``legacy_float_keys=True``) reproduces the reference's order of exact ties.
 
-The reference ranks with ``torch.sort(key, descending=True)``, which is not stable: on CPU it keeps
-index order for at most 16 equal keys and scrambles longer runs. Each test builds more than 16 exact
+The reference ranks with ``torch.sort(key, descending=True)``, which is not stable: on CPU equal keys
+keep their index order only in tensors of at most 16 elements. Each test sorts more than 16 exact
 ties, ranks them with a direct re-implementation of the reference's loops written here (per class and
 GT for IoU-HLR, per image for Score-HLR, the same unstable sorts on the same sub-tensors), and checks
 that compat mode equals it while the default mode equals the stable rule (ties to the lower index).
