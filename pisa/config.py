@@ -312,6 +312,10 @@ def _check_list(key: Key, value: list, path: str, ctx: _Context) -> list:
 
 def _check_exists(kind: str, value: str, path: str) -> None:
     ok = os.path.isfile(value) if kind == "file" else os.path.isdir(value)
+    if not ok and os.path.exists(value):
+        other = "a directory" if kind == "file" else "a file"
+        raise ConfigError(f"config key '{path}': '{value}' is {other}, not a {kind}; "
+                          f"fix the path or pass --set {path}=PATH")
     if not ok:
         where = "" if os.path.isabs(value) else \
             f" (relative paths are taken from the current directory, {os.getcwd()})"

@@ -84,9 +84,11 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, fragments: list[str
 
 # One case per error class of pisa.data.errors that a file can cause, plus the ones users met first.
 _FIRST_MET = ("bbox of wrong length", "non-finite bbox", "non-JSON file", "missing images key")
-_SEEN: set = set()
-TRAIN_CASES = [c for c in CORPUS.CASES if c.phase == "construct"
-               and (c.name in _FIRST_MET or not (c.error in _SEEN or _SEEN.add(c.error)))]
+# The annotation file's path is a config key: a missing file or a directory is a config error (below).
+_PATH_CASES = ("annotation file missing", "annotation file is a directory")
+_CONSTRUCT = [c for c in CORPUS.CASES if c.phase == "construct" and c.name not in _PATH_CASES]
+_FIRST_OF_CLASS = {c.error: c for c in reversed(_CONSTRUCT)}.values()
+TRAIN_CASES = [c for c in _CONSTRUCT if c in _FIRST_OF_CLASS or c.name in _FIRST_MET]
 TRAIN_CASES.append(CORPUS.Case("empty annotation file", E.AnnotationFileError, ["ann.json"],
                                after=lambda r: (r / "ann.json").write_text(""), skippable=False))
 # Image files fail when a batch is loaded: every kind in a DataLoader worker, two in the main process.
@@ -122,6 +124,15 @@ def test_pisa_debug_shows_the_traceback_of_an_expected_error(tmp_path):
                     f"train.work_dir={tmp_path / 'w'}", *TINY], env={"PISA_DEBUG": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "UnknownCategoryIdError" in proc.stderr
+
+
+def test_an_annotation_path_that_is_missing_or_a_directory_is_a_config_error(tmp_path):
+    ann_file, img_dir = write_coco(tmp_path, copy.deepcopy(BASE_COCO))
+    good = _dataset_sets(ann_file, img_dir, "val")
+    proc = run_cli(["pisa.train", CONFIG, "--set", _dataset_sets(str(tmp_path / "nope.json"), img_dir), good])
+    assert_one_line_error(proc, ["data.train.ann_file", "nope.json", "does not exist"], code=2)
+    proc = run_cli(["pisa.train", CONFIG, "--set", _dataset_sets(img_dir, img_dir), good])
+    assert_one_line_error(proc, ["data.train.ann_file", "is a directory, not a file"], code=2)
 
 
 def test_config_and_usage_errors_exit_2_in_one_line(tmp_path):
