@@ -1,10 +1,10 @@
-"""Convert an mmdetection v2/3.x RetinaNet checkpoint into a pisa checkpoint.
+"""Convert an mmdetection v2/3.x checkpoint (RetinaNet, Faster / Mask R-CNN, SSD, PAA) into a pisa checkpoint.
 
     python scripts/convert_mmdet.py pisa_retinanet_r50_fpn_1x_coco-76409952.pth pisa_retinanet_r50.pth
     python scripts/convert_mmdet.py IN.pth OUT.pth --config configs/pisa/pisa_retinanet_x101_32x4d_fpn_1x_coco.yaml
 
-Without ``--config`` the architecture (backbone type, class count, widths) is read off the weights and
-the remaining settings come from configs/_base_/retinanet_r50_fpn_1x_coco.yaml. Every key must map:
+Without ``--config`` the model type and architecture (backbone type, class count, widths) are read off
+the weights and the remaining settings come from that model type's COCO config (``BASE_CONFIGS``). Every key must map:
 a missing, unexpected or mis-shaped tensor is an error and nothing is written. The output holds
 ``{"model": state_dict, "meta": {...}, "config": None}`` and loads with ``torch.load(weights_only=True)``.
 
@@ -21,21 +21,27 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
-from pisa.models.convert import convert_mmdet_checkpoint, infer_model_cfg, is_mmdet_checkpoint, read_mmdet_checkpoint
+from pisa.config import ConfigError
+from pisa.models.convert import (convert_mmdet_checkpoint, infer_model_cfg, is_mmdet_checkpoint,
+                                  mmdet_model_type, read_mmdet_checkpoint)
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "retinanet_r50_fpn_1x_coco.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The config whose settings complete what the weights tell, per model type.
+BASE_CONFIGS = {"retinanet": CONFIGS / "retinanet" / "retinanet_r50_fpn_1x_coco.yaml",
+                "faster_rcnn": CONFIGS / "faster_rcnn" / "faster_rcnn_r50_fpn_1x_coco.yaml",
+                "mask_rcnn": CONFIGS / "mask_rcnn" / "mask_rcnn_r50_fpn_1x_coco.yaml",
+                "ssd": CONFIGS / "ssd" / "ssd300_coco.yaml",
+                "paa": CONFIGS / "paa" / "paa_r50_fpn_1x_coco.yaml"}
 
 
 def model_cfg_for(checkpoint: dict, config: str | None) -> dict:
     """The ``model:`` section to convert into: from ``--config``, else inferred over the base config."""
-    if config is not None:
-        from pisa.config import load_config
+    from pisa.config import load_config
 
+    if config is not None:
         return load_config(config, check_paths=False)["model"]
-    with open(BASE_CONFIG) as f:
-        base = yaml.safe_load(f)["model"]
+    base = load_config(str(BASE_CONFIGS[mmdet_model_type(checkpoint["state_dict"])]), check_paths=False)["model"]
     return infer_model_cfg(checkpoint["state_dict"], base)
 
 
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(expected a 'state_dict' with backbone./neck./bbox_head. keys)")
         model_cfg = model_cfg_for(checkpoint, args.config)
         converted = convert_mmdet_checkpoint(checkpoint, model_cfg, source=os.path.basename(args.input))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     save_atomically(converted, args.output)

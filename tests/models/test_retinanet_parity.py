@@ -68,7 +68,9 @@ def build_pair(extra_block=P6P7WithoutReLU):
     cfg = load_config(str(REPO / "configs/retinanet/retinanet_r50_fpn_1x_coco.yaml"), [
         "model.backbone.type=resnet18", "model.backbone.pretrained=null", f"model.num_classes={NUM_CLASSES}",
         f"model.neck.out_channels={WIDTH}", f"model.head.feat_channels={WIDTH}", "model.head.stacked_convs=4",
-        f"model.test.score_thr={SCORE_THR}", "model.test.nms_pre=1000000"], check_paths=False)
+        f"model.test.score_thr={SCORE_THR}", "model.test.nms_pre=1000000",
+        # torchvision keeps boxes clipped to zero size (so did mmdetection v2); pisa drops them by default
+        "model.test.min_bbox_size=-1"], check_paths=False)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():  # non-trivial BN statistics and classifier biases (some scores above 0.5)
