@@ -166,7 +166,7 @@ def _pixel_windows(boxes: Tensor, height: int, width: int) -> Tensor:
     """``(D, 4)`` int64 pixel ranges ``[x0, y0, x1, y1)`` within one pixel of each box, in the image."""
     lo = (boxes[:, :2].floor() - 1).clamp(min=0)
     hi = boxes[:, 2:].ceil() + 1
-    hi = torch.minimum(hi, hi.new_tensor([width, height]))
+    hi = torch.minimum(hi, hi.new_tensor([width, height])).clamp(min=0)
     lo = torch.minimum(lo, hi)  # a box wholly outside the image gets an empty window
     degenerate = ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[:, None]
     hi = torch.where(degenerate, lo, hi)

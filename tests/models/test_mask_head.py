@@ -257,11 +257,12 @@ def test_a_left_half_map_covers_the_left_half_of_the_box():
 
 
 def test_boxes_partly_outside_the_image_are_clipped():
-    boxes = torch.tensor([[-10.0, -5.0, 20.0, 15.0], [30.0, 20.0, 50.0, 45.0], [60.0, 0.0, 70.0, 5.0]])
-    out = paste_masks(torch.ones(3, 28, 28), boxes, (30, 40))
-    expected = torch.zeros(3, 30, 40, dtype=torch.bool)
+    boxes = torch.tensor([[-10.0, -5.0, 20.0, 15.0], [30.0, 20.0, 50.0, 45.0], [60.0, 0.0, 70.0, 5.0],
+                          [-30.0, 2.0, -8.0, 9.0]])
+    out = paste_masks(torch.ones(4, 28, 28), boxes, (30, 40))
+    expected = torch.zeros(4, 30, 40, dtype=torch.bool)
     expected[0, 0:15, 0:20] = True
-    expected[1, 20:30, 30:40] = True  # the third box lies wholly outside: empty
+    expected[1, 20:30, 30:40] = True  # the last two boxes lie wholly outside: empty
     assert torch.equal(out, expected)
 
 
