@@ -4,7 +4,7 @@
    cost of PISA alone), and vs the baseline config (which also keeps 1000 instead of 2000 proposals
    and uses L1 instead of SmoothL1 box losses).
 2. pisa's baseline vs torchvision's ``FasterRCNN`` (``--model mask``: ``MaskRCNN``) R50-FPN with the
-   same weights: train step and inference.
+   same weights: train step and inference; for masks also pasting 100 masks into an 800x1333 image.
 
 Models run in turn within every repeat, so that drift of the machine lands on each alike; each row
 is a median.
@@ -37,6 +37,7 @@ import torch
 from torchvision.models import resnet50
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +45,7 @@ from bench_retinanet import timed_interleaved, train_step_fn  # noqa: E402  (sam
 
 from pisa.config import load_config  # noqa: E402
 from pisa.models import build_model  # noqa: E402
+from pisa.models.mask_head import paste_masks  # noqa: E402
 
 CONFIGS = {"faster": ("configs/pisa/pisa_faster_rcnn_r50_fpn_1x_coco.yaml",
                       "configs/faster_rcnn/faster_rcnn_r50_fpn_1x_coco.yaml"),
@@ -138,6 +140,17 @@ def to_torchvision_state(pisa_state: dict, tv_state: dict, num_classes: int) -> 
     return out
 
 
+def paste_fns(num: int, height: int, width: int, device: torch.device) -> dict:
+    """pisa's ``paste_masks`` and torchvision's ``paste_masks_in_image`` (+ the same 0.5 threshold) on
+    ``num`` random 28x28 maps in boxes of 20-400 px, in one ``height x width`` image."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([width - 400.0, height - 400.0])
+    boxes = torch.cat([xy, xy + 20 + torch.rand(num, 2, generator=g) * 380], 1).to(device)
+    probs = torch.rand(num, 28, 28, generator=g).to(device)
+    return {"pisa": lambda: paste_masks(probs, boxes, (height, width)),
+            "tv": lambda: paste_masks_in_image(probs[:, None], boxes, (height, width)) >= 0.5}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), default="faster")
@@ -187,6 +200,9 @@ def main() -> None:
                                       device, args.warmup, args.repeat)
     rows.append((f"inference: pisa / torchvision ({counts[0]} / {counts[1]} dets)", inference["pisa"],
                  inference["tv"]))
+    if args.model == "mask":
+        paste = timed_interleaved(paste_fns(100, 800, 1333, device), device, 1, args.repeat)
+        rows.append(("paste 100 masks into 800x1333: pisa / torchvision", paste["pisa"], paste["tv"]))
 
     print(f"\n{'comparison':58s} {'ms (a)':>10s} {'ms (b)':>10s} {'a/b':>7s}")
     for name, a, b in rows:
