@@ -1,5 +1,6 @@
 """Evaluate a checkpoint on the validation set: ``python -m pisa.eval CONFIG CHECKPOINT [--set k=v ...]
-[--out DIR] [--trust-checkpoint] [--device cpu|cuda]``.
+[--out DIR] [--trust-checkpoint] [--device cpu|cuda] [--precision fp32|fp16|bf16]``, or an exported
+graph with ONNX Runtime: ``python -m pisa.eval CONFIG --onnx MODEL.onnx [--set k=v ...] [--out DIR]``.
 
 CHECKPOINT is a pisa checkpoint (``model`` key) or an mmdetection one (converted on the fly). Works
 under ``torchrun`` too: every process scores its share of the images and rank 0 reports. Writes
@@ -21,20 +22,43 @@ from pisa.config import add_config_args
 from pisa.engine import dist
 from pisa.engine.checkpoint import (CheckpointError, describe_mismatches, load_model_checkpoint,
                                    shape_mismatches)
-from pisa.engine.inference import evaluate
+from pisa.engine.inference import PRECISIONS, evaluate
 from pisa.train import RunParts, add_device_arg, build_val_parts, cli_session, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pisa.eval", description="Evaluate a checkpoint (COCO AP).")
     parser.add_argument("config", help="experiment YAML file (model and data.val are used)")
-    parser.add_argument("checkpoint", help="pisa or mmdetection checkpoint (.pth)")
+    parser.add_argument("checkpoint", nargs="?", help="pisa or mmdetection checkpoint (.pth); omit with --onnx")
     add_config_args(parser)
     parser.add_argument("--out", help="folder for results and metrics JSON (default: next to the checkpoint)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (can execute code: trusted files only)")
     add_device_arg(parser)
+    parser.add_argument("--onnx", metavar="MODEL.onnx",
+                        help="evaluate this graph from python -m pisa.export with ONNX Runtime instead of a checkpoint")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+                        help="autocast precision of the network (default: train.amp); the post-processing "
+                             "stays fp32")
     return parser
+
+
+def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of CHECKPOINT and --onnx; --precision only for a PyTorch model (usage errors)."""
+    if (args.checkpoint is None) == (args.onnx is None):
+        parser.error("give a CHECKPOINT or --onnx MODEL.onnx (one of them)")
+    if args.onnx and args.precision:
+        parser.error("--precision applies to PyTorch checkpoints; an ONNX graph's precision is set at export "
+                     "(python -m pisa.export --fp16)")
+
+
+def onnx_parts(cfg: dict, info: dist.DistInfo, path: str) -> tuple[RunParts, nn.Module]:
+    """Val loader and evaluator of the config, and the ONNX Runtime session as the model."""
+    from pisa.engine.onnx_runner import OnnxDetector
+
+    val_loader, evaluator = build_val_parts(cfg, info)
+    detector = OnnxDetector(path)
+    return RunParts(detector, None, val_loader, evaluator), detector
 
 
 def build_model_for_checkpoint(cfg: dict) -> nn.Module:
@@ -90,17 +114,25 @@ def main(argv: Sequence[str] | None = None, build: Any = build_eval_parts) -> di
 
     ``build(cfg, dist_info) -> RunParts`` makes the model, val loader and evaluator.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_model_args(parser, args)
     cfg = resolve_config(args, check_paths=("data.val",))  # training data need not be present
     with cli_session(cfg, args.device, (CheckpointError,)) as info:
-        parts = build(cfg, info)
-        warnings = load_weights_strict(parts.model, args.checkpoint, cfg, args.trust_checkpoint)
+        if args.onnx:
+            parts, model = onnx_parts(cfg, info, args.onnx)
+            warnings = []
+        else:
+            parts = build(cfg, info)
+            warnings = load_weights_strict(parts.model, args.checkpoint, cfg, args.trust_checkpoint)
+            model = parts.model.to(info.device)
         if info.is_main:
             for line in warnings:
                 print(line, file=sys.stderr)
-        out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint)
-        metrics = evaluate(parts.model.to(info.device), parts.val_loader, parts.evaluator,
-                           amp=cfg["train"]["amp"], out_dir=out_dir)
+        out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint or args.onnx)
+        amp = PRECISIONS[args.precision] if args.precision else cfg["train"]["amp"]
+        metrics = evaluate(model, parts.val_loader, parts.evaluator, amp=None if args.onnx else amp,
+                           out_dir=out_dir)
         if info.is_main:
             summary = getattr(parts.evaluator, "format_summary", None)
             print(summary(metrics) if callable(summary) else metrics)
