@@ -19,9 +19,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from pisa.config import add_config_args
+from pisa.data.classes import check_val_classes, checkpoint_classes
 from pisa.engine import dist
 from pisa.engine.checkpoint import (CheckpointError, describe_mismatches, load_model_checkpoint,
-                                   shape_mismatches)
+                                   read_checkpoint_meta, shape_mismatches)
 from pisa.engine.inference import PRECISIONS, evaluate
 from pisa.train import RunParts, add_device_arg, build_val_parts, cli_session, resolve_config
 
@@ -118,12 +119,15 @@ def main(argv: Sequence[str] | None = None, build: Any = build_eval_parts) -> di
     args = parser.parse_args(argv)
     check_model_args(parser, args)
     cfg = resolve_config(args, check_paths=("data.val",))  # training data need not be present
-    with cli_session(cfg, args.device, (CheckpointError,)) as info:
+    with cli_session(cfg, args.device) as info:
         if args.onnx:
             parts, model = onnx_parts(cfg, info, args.onnx)
             warnings = []
         else:
+            meta = read_checkpoint_meta(args.checkpoint, args.trust_checkpoint)
+            classes = checkpoint_classes(meta, args.checkpoint, cfg["model"])  # resolves num_classes: auto
             parts = build(cfg, info)
+            check_val_classes(classes, getattr(parts.val_loader, "dataset", None))
             warnings = load_weights_strict(parts.model, args.checkpoint, cfg, args.trust_checkpoint)
             model = parts.model.to(info.device)
         if info.is_main:
