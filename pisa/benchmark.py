@@ -7,8 +7,8 @@ note), on the same random inputs in one process:
 * a training step (forward, loss, backward, SGD step) of the pisa baseline, pisa with PISA (the same
   weights) and torchvision's model of the same architecture;
 * inference at batch 1 and batch N of pisa (PISA changes training only) and torchvision;
-* the peak memory of each during its timed runs (CPU: the process's resident set, sampled; it
-  includes every model held by the process; CUDA: ``max_memory_allocated``).
+* the peak memory of each during its timed runs (CPU: the rise of the process's resident set over
+  the run, sampled; CUDA: ``max_memory_allocated``).
 
 RetinaNet's torchvision counterpart is its ``RetinaNet`` class built like ``retinanet_resnet50_fpn``
 (frozen-BN ResNet-50, three trainable stages) but with P6 from C5 as the reference, pisa's anchor
@@ -124,27 +124,30 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, w
 
 
 class PeakMemory:
-    """Peak memory of the enclosed code. CUDA: ``max_memory_allocated`` (reset on entry). CPU: the
-    process's resident set, sampled every 5 ms by a thread (the kernel's high-water mark cannot be
-    reset everywhere); ``peak_mib`` is None where ``/proc/self/statm`` does not exist."""
+    """Peak memory of the enclosed code. CUDA: ``max_memory_allocated`` (reset on entry; weights,
+    gradients and optimizer state included). CPU: how far the process's resident set rose above its
+    size on entry (the run's working memory: activations, gradients, workspace; every model's weights
+    are resident before), sampled every 5 ms by a thread, since the kernel's high-water mark cannot be
+    reset everywhere. ``peak_mib`` is None where ``/proc/self/statm`` does not exist."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_mib = device, None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start = self._high = 0.0
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif _rss_mib() is not None:
-            self.peak_mib = _rss_mib()
+            self._start = self._high = _rss_mib()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak_mib = max(self.peak_mib, _rss_mib() or 0.0)
+            self._high = max(self._high, _rss_mib() or 0.0)
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
@@ -152,7 +155,7 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self.peak_mib = max(self.peak_mib, _rss_mib() or 0.0)
+            self.peak_mib = max(self._high, _rss_mib() or 0.0) - self._start
 
 
 def _rss_mib() -> float | None:
@@ -429,7 +432,7 @@ def _fake_detections(dataset) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def format_row(row: Row) -> str:
-    cells = "  ".join(f"{name} {ms:9.1f} ms" + (f" ({row.peak_mib[name]:.0f} MiB)" if row.peak_mib.get(name) else "")
+    cells = "  ".join(f"{name} {ms:9.1f} ms" + (f" (+{row.peak_mib[name]:.0f} MiB)" if row.peak_mib.get(name) is not None else "")
                       for name, ms in row.ms.items())
     return f"{row.detector:12s} {row.phase:44s} {cells}"
 
