@@ -283,3 +283,11 @@ def test_mmdet_paa_checkpoint_keys_map_onto_the_model():
     assert converted["head.scales.3"].item() == 1.5
     assert converted["head.iou_pred.weight"].shape == (1, 256, 3, 3)
     assert converted["neck.p6_conv.weight"].shape == (256, 256, 3, 3)
+
+
+def test_losses_are_fp32_under_autocast():
+    model = tiny_model("model.anchors.octave_base_scale=2").train()
+    images, targets = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
