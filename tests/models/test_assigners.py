@@ -1,7 +1,9 @@
+import pytest
 import torch
 from torchvision.models.detection._utils import Matcher
 
-from pisa.models.assigners import MaxIoUAssigner
+from pisa.models import assigners
+from pisa.models.assigners import MaxIoUAssigner, pairwise_iou
 from pisa.models.box_coder import box_iou
 
 
@@ -201,3 +203,139 @@ def test_parity_with_torchvision_matcher():
         assert torch.equal(ours[conflict] - 1, last_claimer[conflict])
         checked_conflicts += int((conflict & (ours - 1 != theirs)).sum())
     assert checked_conflicts > 0, "the scenes must exercise the convention difference"
+
+
+# ---- batched assignment ------------------------------------------------------------------------------
+
+
+def reference_assign(assigner: MaxIoUAssigner, priors, gts, labels, crowd=None, valid=None):
+    """The assigner's rules for one image written plainly (box_iou, boolean indexing, one GT at a time):
+    the ground truth that the batched, blocked, padded code must reproduce bit for bit."""
+    count = priors.shape[0]
+    excluded = torch.zeros(count, dtype=torch.bool)
+    if assigner.ignore_iof_thr > 0 and crowd is not None and crowd.numel() > 0:
+        excluded |= box_iou(priors, crowd, mode="iof").max(dim=1).values > assigner.ignore_iof_thr
+    if valid is not None:
+        excluded |= ~valid
+    if gts.shape[0] == 0:
+        gt_inds, max_iou = torch.zeros(count, dtype=torch.int64), torch.zeros(count)
+        gt_inds[excluded], max_iou[excluded] = -1, -1.0
+        return gt_inds, max_iou, torch.full((count,), -1)
+    ious = box_iou(gts, priors)
+    ious[:, excluded] = -1.0
+    max_iou, argmax_gt = ious.max(dim=0)
+    gt_inds = torch.full((count,), -1)
+    low, high = assigner.neg_range
+    gt_inds[(max_iou >= low) & (max_iou < high)] = 0
+    positive = max_iou >= assigner.pos_iou_thr
+    gt_inds[positive] = argmax_gt[positive] + 1
+    if assigner.match_low_quality:
+        for g in range(gts.shape[0]):
+            best = ious[g].max()
+            if best >= assigner.min_pos_iou:
+                if assigner.gt_max_assign_all:
+                    gt_inds[ious[g] == best] = g + 1
+                else:
+                    gt_inds[ious[g].argmax()] = g + 1
+    gt_inds[excluded] = -1
+    out_labels = torch.full((count,), -1)
+    out_labels[gt_inds > 0] = labels[gt_inds[gt_inds > 0] - 1]
+    return gt_inds, max_iou, out_labels
+
+
+def random_batch(seed: int):
+    """Four images sharing one prior set: 0, 16, 5 and 3 GTs; crowds in two; per-image valid masks.
+
+    A random third of the priors is repeated at the end, so every GT whose best prior is among them has
+    an exact tie for its max IoU (all-max claims both copies, argmax-only the first). Image 1's GTs come
+    in near-duplicate pairs (GTs sharing a best prior) and repeat one GT exactly (the later one wins);
+    image 3 has a GT beyond every prior (best IoU 0: with min_pos_iou 0 it claims every prior it misses).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    priors, pair_gts = random_scene(generator)
+    priors = torch.cat([priors, priors[torch.randperm(len(priors), generator=generator)[: len(priors) // 3]]])
+
+    def boxes(n: int, extent: float = 100.0) -> torch.Tensor:
+        xy = torch.rand(n, 2, generator=generator) * extent
+        return torch.cat([xy, xy + torch.rand(n, 2, generator=generator) * 40 + 4], dim=1)
+
+    gts = [torch.zeros(0, 4), torch.cat([pair_gts[:15], pair_gts[3:4]]), boxes(5),
+           torch.cat([boxes(2), torch.tensor([[500.0, 500.0, 520.0, 530.0]])])]
+    labels = [torch.randint(0, 80, (len(g),), generator=generator) for g in gts]
+    crowds = [None, boxes(2, 60.0), boxes(1, 60.0), torch.zeros(0, 4)]
+    valid = torch.rand(len(gts), len(priors), generator=generator) > 0.2
+    return priors, gts, labels, crowds, valid
+
+
+BATCH_SETTINGS = [
+    dict(pos_iou_thr=0.5, neg_iou_thr=0.4),  # RetinaNet
+    dict(pos_iou_thr=0.5, neg_iou_thr=0.4, gt_max_assign_all=False, ignore_iof_thr=0.5),  # SSD-like, crowds
+    dict(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, ignore_iof_thr=0.5),  # RPN
+    dict(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=False),  # Faster R-CNN
+    dict(pos_iou_thr=0.5, neg_iou_thr=(0.1, 0.4), ignore_iof_thr=0.3),  # a negative range
+]
+
+
+@pytest.mark.parametrize("settings", BATCH_SETTINGS)
+@pytest.mark.parametrize("block_pairs", [None, 37])
+def test_batched_assignment_equals_each_image_alone(settings, block_pairs, monkeypatch):
+    if block_pairs is not None:  # force many small prior blocks, as the CPU path makes at full size
+        monkeypatch.setattr(assigners, "_CPU_BLOCK_PAIRS", block_pairs)
+    assigner = MaxIoUAssigner(**settings)
+    seen_ties = seen_excluded = 0
+    for seed in range(3):
+        priors, gts, labels, crowds, valid = random_batch(seed)
+        batch = assigner.assign_batch(priors, gts, labels, crowds, valid)
+        assert batch.gt_inds.shape == (4, len(priors)) and batch.num_gts == [len(g) for g in gts]
+        for image, result in enumerate(batch.per_image()):
+            alone = assigner.assign(priors, gts[image], labels[image], crowds[image], valid[image])
+            expected = reference_assign(assigner, priors, gts[image], labels[image], crowds[image], valid[image])
+            for got in (result, alone):
+                assert torch.equal(got.gt_inds, expected[0]), (seed, image)
+                assert torch.equal(got.max_overlaps, expected[1]), (seed, image)  # bit for bit
+                assert torch.equal(got.labels, expected[2]), (seed, image)
+            if len(gts[image]):
+                ious = box_iou(gts[image], priors).masked_fill(~valid[image], -1.0)
+                seen_ties += int(((ious == ious.max(dim=1, keepdim=True).values).sum(dim=1) > 1).sum())
+            seen_excluded += int((result.gt_inds[valid[image]] == -1).sum()) if assigner.ignore_iof_thr > 0 else 0
+    assert seen_ties > 0, "the scenes must contain GTs whose max IoU is tied"
+    assert seen_excluded > 0 or assigner.ignore_iof_thr <= 0, "the scenes must put valid priors under crowds"
+
+
+def test_batched_assignment_without_any_gt_or_valid_mask():
+    priors, _, _, crowds, _ = random_batch(0)
+    empty = [torch.zeros(0, 4)] * 2
+    no_labels = [torch.zeros(0, dtype=torch.int64)] * 2
+    result = MaxIoUAssigner(0.5, (0.1, 0.4), ignore_iof_thr=0.5).assign_batch(priors, empty, no_labels, crowds[1:3])
+    under_crowd = torch.stack([box_iou(priors, c, mode="iof").max(dim=1).values > 0.5 for c in crowds[1:3]])
+    assert under_crowd.any()
+    # Background everywhere (even below the negative range's low end, as for a single image), -1 under crowds.
+    assert torch.equal(result.gt_inds, torch.where(under_crowd, -1, 0))
+    assert torch.equal(result.max_overlaps, torch.where(under_crowd, -1.0, 0.0))
+    assert (result.labels == -1).all() and result.num_gts == [0, 0]
+
+
+def test_assign_batch_argument_errors():
+    assigner = MaxIoUAssigner(0.5, 0.4)
+    priors = strips((0, 10), (5, 15))
+    with pytest.raises(ValueError, match="one entry per image"):
+        assigner.assign_batch(priors, [strips((0, 10))] * 2, [torch.tensor([0])])
+    with pytest.raises(ValueError, match=r"valid must be \(images, priors\) = \(1, 2\)"):
+        assigner.assign_batch(priors, [strips((0, 10))], [torch.tensor([0])], valid=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="image 0 has gt_boxes"):
+        assigner.assign_batch(priors, [strips((0, 10))], [torch.tensor([0, 1])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_iou_equals_box_iou_bit_for_bit(dtype):
+    priors, gts, _, crowds, _ = random_batch(1)
+    # Degenerate rows too: a zero-area GT and prior (denominators clamped to eps, IoU 0, not NaN).
+    priors = torch.cat([priors, torch.tensor([[3.0, 3.0, 3.0, 9.0]])]).to(dtype)
+    boxes = torch.stack([gts[1][:5], gts[2]]).to(dtype)
+    boxes[0, 0] = torch.tensor([4.0, 4.0, 4.0, 4.0])
+    iou = pairwise_iou(boxes, priors)
+    assert iou.dtype == dtype and iou.shape == (2, 5, len(priors))
+    for image in range(2):
+        assert torch.equal(iou[image], box_iou(boxes[image], priors))
+    iof = pairwise_iou(crowds[1][None].to(dtype), priors, mode="iof")
+    assert torch.equal(iof[0], box_iou(priors, crowds[1].to(dtype), mode="iof").T)
