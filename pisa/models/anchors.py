@@ -82,6 +82,7 @@ class AnchorGenerator:
         self.center_offset = float(center_offset)
         self._base = self._make_base_anchors()
         self._cache: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+        self._valid_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     def _make_base_anchors(self) -> list[Tensor]:
         """Per level float32 ``(A, 4)`` anchors centred on 0; subclasses override this."""
@@ -166,6 +167,32 @@ class AnchorGenerator:
             inside_y = torch.arange(height, device=device) < min(math.ceil(valid_h / stride), height)
             inside = (inside_y[:, None] & inside_x[None, :]).reshape(-1)
             flags.append(inside[:, None].expand(-1, count).reshape(-1))
+        return flags
+
+    def batch_valid_flags(
+        self, feature_sizes: FeatureSizes, valid_shapes: Sequence[tuple[int, int]],
+        device: torch.device | str | None = None
+    ) -> Tensor:
+        """bool ``(B, Σ H·W·A)``: :meth:`valid_flags` of every level, concatenated, for each image's shape.
+
+        Images of a batch mostly share their padded shape, and a run sees few shapes: each distinct
+        (sizes, shape, device) is computed once and cached. The result is shared: do not modify it.
+        """
+        rows = [self._cached_valid_flags(feature_sizes, (int(h), int(w)), device) for h, w in valid_shapes]
+        if not rows:
+            count = sum(h * w * a for (h, w), a in zip(feature_sizes, self.num_anchors_per_level))
+            return torch.zeros(0, count, dtype=torch.bool, device=device)
+        return torch.stack(rows)
+
+    def _cached_valid_flags(self, feature_sizes: FeatureSizes, valid_shape: tuple[int, int], device) -> Tensor:
+        key = (tuple((int(h), int(w)) for h, w in feature_sizes), valid_shape, str(torch.device(device or "cpu")))
+        if key in self._valid_cache:
+            self._valid_cache.move_to_end(key)
+            return self._valid_cache[key]
+        flags = torch.cat(self.valid_flags(feature_sizes, valid_shape, device))
+        self._valid_cache[key] = flags
+        if len(self._valid_cache) > _CACHE_SIZE:
+            self._valid_cache.popitem(last=False)
         return flags
 
     def _check_levels(self, feature_sizes: FeatureSizes) -> None:

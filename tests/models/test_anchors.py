@@ -136,6 +136,23 @@ def test_ssd512_anchors():
     torch.testing.assert_close(generator.grid_anchors(sizes)[0][:3], expected, atol=1e-3, rtol=0)
 
 
+def test_batch_valid_flags_stack_each_images_flags_and_are_cached():
+    generator = retinanet_generator()
+    sizes = [(8, 10), (4, 5), (2, 3), (1, 2), (1, 1)]  # a 64 x 80 batch tensor
+    shapes = [(64, 80), (32, 64), (64, 80)]
+    flags = generator.batch_valid_flags(sizes, shapes)
+    assert flags.dtype == torch.bool and flags.shape == (3, 9 * (80 + 20 + 6 + 2 + 1))
+    for row, shape in zip(flags, shapes):
+        assert torch.equal(row, torch.cat(generator.valid_flags(sizes, shape)))
+    # Level 0 of the (32, 64) image: rows y < ceil(32/8) = 4 of 8, columns x < ceil(64/8) = 8 of 10.
+    level0 = flags[1, : 8 * 10 * 9].view(8, 10, 9)[..., 0]
+    assert level0.sum() == 4 * 8 and level0[:4, :8].all()
+    # One computation per distinct shape, shared by later calls; empty batches keep the anchor count.
+    again = generator.batch_valid_flags(sizes, [(32, 64)])
+    assert len(generator._valid_cache) == 2 and torch.equal(again[0], flags[1])
+    assert generator.batch_valid_flags(sizes, []).shape == (0, flags.shape[1])
+
+
 def test_configuration_errors_are_reported():
     with pytest.raises(ValueError, match="either scales"):
         AnchorGenerator([8], [1.0], scales=[1.0], octave_base_scale=4, scales_per_octave=3)
