@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from pisa.losses import carl_loss, isr_p, l1_loss, sigmoid_focal_loss, smooth_l1_loss
 
@@ -156,40 +157,28 @@ class RetinaNetLoss(nn.Module):
         d = self.pad_divisor
         return (math.ceil(img_shape[0] / d) * d, math.ceil(img_shape[1] / d) * d)
 
-    def _targets_per_image(self, anchors: Tensor, valid: Tensor, target: dict) -> tuple[Tensor, ...]:
-        """Assign one image's ``M`` anchors: labels (M,), weights (M,), matched GT boxes (M, 4), gt index (M,)."""
-        gt_boxes = target["boxes"].to(anchors)
-        ignore = target.get("ignore_boxes")
-        result = self.assigner.assign(anchors, gt_boxes, target["labels"],
-                                      ignore_boxes=None if ignore is None else ignore.to(anchors), valid=valid)
-        pos = result.gt_inds > 0
-        labels = torch.where(pos, result.labels, torch.full_like(result.labels, self.num_classes))
-        weights = ((result.gt_inds >= 0) & valid).float()
-        gt_index = torch.where(pos, result.gt_inds - 1, torch.full_like(result.gt_inds, -1))
-        if gt_boxes.shape[0] > 0:
-            matched = gt_boxes[gt_index.clamp(min=0)]
-        else:
-            matched = anchors.new_zeros(anchors.shape)
-        return labels, weights, matched, gt_index
-
     def get_targets(self, anchors_per_level: list[Tensor], feature_sizes: list[tuple[int, int]],
                     targets: list[dict]) -> DenseTargets:
-        """Assign every image (a loop over images only) and encode the positives' deltas in one batch."""
+        """Assign every image in one batched call and encode the positives' deltas in one batch."""
         anchors = torch.cat(anchors_per_level)
         device = anchors.device
-        per_image = []
-        for target in targets:
-            valid = torch.cat(self.anchor_generator.valid_flags(
-                feature_sizes, valid_shape=self._valid_shape(target["img_shape"]), device=device))
-            per_image.append(self._targets_per_image(anchors, valid, target))
-        labels, label_weights, matched, gt_inds = (torch.cat(t) for t in zip(*per_image))
         batch, num_anchors = len(targets), anchors.shape[0]
+        valid = self.anchor_generator.batch_valid_flags(
+            feature_sizes, [self._valid_shape(t["img_shape"]) for t in targets], device=device)  # (B, M)
+        gt_boxes = [t["boxes"].to(anchors) for t in targets]
+        ignores = [None if t.get("ignore_boxes") is None else t["ignore_boxes"].to(anchors) for t in targets]
+        result = self.assigner.assign_batch(anchors, gt_boxes, [t["labels"] for t in targets], ignores, valid)
+        pos = result.gt_inds > 0  # (B, M)
+        labels = torch.where(pos, result.labels, self.num_classes).reshape(-1)
+        label_weights = ((result.gt_inds >= 0) & valid).float().reshape(-1)
+        gt_inds = torch.where(pos, result.gt_inds - 1, -1).reshape(-1)
         priors = anchors.repeat(batch, 1)
-        pos = labels < self.num_classes
-        bbox_targets = torch.zeros_like(priors)
-        bbox_targets[pos] = self.coder.encode(priors[pos], matched[pos])
         img_inds = torch.arange(batch, device=device).repeat_interleave(num_anchors)
-        avg_factor = pos.view(batch, num_anchors).sum(1).clamp(min=1).sum().float()
+        flat_pos = pos.reshape(-1)
+        matched = pad_sequence(gt_boxes, batch_first=True)[img_inds[flat_pos], gt_inds[flat_pos]]
+        bbox_targets = torch.zeros_like(priors)
+        bbox_targets[flat_pos] = self.coder.encode(priors[flat_pos], matched)
+        avg_factor = pos.sum(1).clamp(min=1).sum().float()
         return DenseTargets(labels, label_weights, bbox_targets, gt_inds, img_inds, priors, avg_factor)
 
     # ---- losses --------------------------------------------------------------------------------

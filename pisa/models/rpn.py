@@ -251,15 +251,21 @@ class RPN(nn.Module):
         return (math.ceil(img_shape[0] / d) * d, math.ceil(img_shape[1] / d) * d)
 
     def _assign(self, anchors: Tensor, feature_sizes: list[tuple[int, int]], target: dict) -> AssignResult:
-        valid = torch.cat(self.anchor_generator.valid_flags(
-            feature_sizes, valid_shape=self._valid_shape(target["img_shape"]), device=anchors.device))
-        ignore = target.get("ignore_boxes")
-        return self.assigner.assign(anchors, target["boxes"].to(anchors), target["labels"],
-                                    ignore_boxes=None if ignore is None else ignore.to(anchors), valid=valid)
+        """One image's assignment of the anchors inside its own padded extent."""
+        return self._assign_batch(anchors, feature_sizes, [target])[0]
+
+    def _assign_batch(self, anchors: Tensor, feature_sizes: list[tuple[int, int]],
+                      targets: list[dict]) -> list[AssignResult]:
+        """``_assign`` of every image in one batched call (the same results, bit for bit)."""
+        valid = self.anchor_generator.batch_valid_flags(
+            feature_sizes, [self._valid_shape(t["img_shape"]) for t in targets], device=anchors.device)
+        ignores = [None if t.get("ignore_boxes") is None else t["ignore_boxes"].to(anchors) for t in targets]
+        return self.assigner.assign_batch(anchors, [t["boxes"].to(anchors) for t in targets],
+                                          [t["labels"] for t in targets], ignores, valid).per_image()
 
     def get_targets(self, anchors: Tensor, feature_sizes: list[tuple[int, int]], targets: list[dict]) -> RPNTargets:
-        """Assign and sample every image (a loop over images only), then encode the positives in one batch."""
-        assigns = [self._assign(anchors, feature_sizes, target) for target in targets]
+        """Assign every image in one batched call, sample per image, then encode the positives in one batch."""
+        assigns = self._assign_batch(anchors, feature_sizes, targets)
         samples = self.sampler.sample_batch(assigns, [anchors] * len(targets), generator=self.generator)
         num_anchors = anchors.shape[0]
         pos_inds, neg_inds, matched, avg_factor = [], [], [], 0
