@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 
 from pisa.config import add_config_args
-from pisa.engine.checkpoint import CheckpointError
+from pisa.config_schema import ConfigError
+from pisa.data.classes import checkpoint_classes
+from pisa.engine.checkpoint import CheckpointError, read_checkpoint_meta
 from pisa.train import resolve_config
 
 EXPORTER_MODULES = ("onnx", "onnxscript")  # what torch.onnx.export(dynamo=True) imports
@@ -95,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         check_sizes(args, size, cfg["data"]["pad_divisor"])
         check_exporter_installed()
         check_exportable(cfg["model"])
+        # model.num_classes: auto takes the count from the checkpoint's class names.
+        checkpoint_classes(read_checkpoint_meta(args.checkpoint, args.trust_checkpoint), args.checkpoint, cfg["model"])
         model = build_model_for_checkpoint(cfg)
         for line in load_weights_strict(model, args.checkpoint, cfg, args.trust_checkpoint):
             print(line, file=sys.stderr)
@@ -103,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         with torch.no_grad():
             export_onnx(model, out, batch=args.batch, size=size, fp16=args.fp16, dynamic=args.dynamic,
                         pad_divisor=cfg["data"]["pad_divisor"])
-    except (ExportError, CheckpointError) as err:
+    except (ExportError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     shape = "dynamic batch x 3 x H x W" if args.dynamic else f"{args.batch} x 3 x {size[0]} x {size[1]}"
