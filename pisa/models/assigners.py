@@ -153,7 +153,7 @@ class MaxIoUAssigner:
             real GTs, and the first maximum is kept) and never take part in the low-quality step.
         """
         num_gts = self._check_batch(priors, gt_boxes, gt_labels, ignore_boxes, valid)
-        excluded = self._excluded_priors(priors, ignore_boxes, valid, len(num_gts))
+        excluded = self._excluded_priors(priors, ignore_boxes, valid)
         if max(num_gts, default=0) == 0 or priors.shape[0] == 0:
             return self._without_gts(priors, excluded, num_gts)
         boxes, labels, real = _pad_gts(gt_boxes, gt_labels, priors)
@@ -162,10 +162,11 @@ class MaxIoUAssigner:
         gt_inds = self._assign_by_thresholds(max_overlaps, argmax_gts)
         if self.match_low_quality:
             gt_inds = self._rescue_low_quality(overlaps, gt_inds, real, blocks)
-        # An image without GTs is background everywhere, with max overlap 0, whatever the thresholds.
-        has_gts = real.any(dim=1, keepdim=True)
-        gt_inds = torch.where(has_gts, gt_inds, 0)
-        max_overlaps = torch.where(has_gts, max_overlaps, 0.0)
+        if min(num_gts) == 0:
+            # An image without GTs is background everywhere, with max overlap 0, whatever the thresholds.
+            has_gts = real.any(dim=1, keepdim=True)
+            gt_inds = torch.where(has_gts, gt_inds, 0)
+            max_overlaps = torch.where(has_gts, max_overlaps, 0.0)
         if excluded is not None:
             gt_inds = gt_inds.masked_fill(excluded, -1)
             max_overlaps = max_overlaps.masked_fill(excluded, -1.0)
@@ -186,20 +187,21 @@ class MaxIoUAssigner:
         if valid is not None and tuple(valid.shape) != (batch, priors.shape[0]):
             raise ValueError(f"MaxIoUAssigner.assign_batch: valid must be (images, priors) = "
                              f"({batch}, {priors.shape[0]}), got {tuple(valid.shape)}")
-        for image, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
-            if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+        counts = [int(boxes.shape[0]) if boxes.numel() > 0 else 0 for boxes in gt_boxes]
+        for image, (boxes, labels, count) in enumerate(zip(gt_boxes, gt_labels, counts)):
+            if (count > 0 and (boxes.dim() != 2 or boxes.shape[-1] != 4)) or labels.numel() != count:
                 raise ValueError(f"MaxIoUAssigner: image {image} has gt_boxes {tuple(boxes.shape)} and gt_labels "
                                  f"{tuple(labels.shape)}; expected (G, 4) boxes and (G,) labels")
-        return [int(boxes.shape[0]) for boxes in gt_boxes]
+        return counts
 
     def _excluded_priors(self, priors: Tensor, ignore_boxes: Sequence[Tensor | None] | None,
-                         valid: Tensor | None, batch: int) -> Tensor | None:
+                         valid: Tensor | None) -> Tensor | None:
         """bool ``(B, N)`` of priors that must be ignored (crowd-covered or invalid), or None if none can be."""
         excluded = None
         crowds = [] if ignore_boxes is None else [b for b in ignore_boxes if b is not None and b.numel() > 0]
         if self.ignore_iof_thr > 0 and crowds and priors.numel() > 0:
-            iof = pairwise_iou(_pad_boxes(ignore_boxes, priors), priors, mode="iof")  # (B, M_max, N), over the prior's area
-            # Padding boxes are empty: IoF 0, never above a positive threshold.
+            # (B, M_max, N) over the prior's area; padding boxes are empty: IoF 0, never above the threshold.
+            iof = pairwise_iou(_pad_boxes(ignore_boxes, priors), priors, mode="iof")
             excluded = iof.amax(dim=1) > self.ignore_iof_thr
         if valid is not None:
             invalid = ~valid.to(device=priors.device, dtype=torch.bool)
@@ -261,7 +263,7 @@ class MaxIoUAssigner:
             # NaN equals nothing: ineligible GTs claim no prior. Over the claims, the highest GT number
             # is the last claiming GT (0: no claim), as when the GTs are visited in order.
             target = torch.where(eligible, gt_max, torch.nan)
-            claimed = torch.cat([((overlaps[:, :, block] == target[:, :, None]) * gt_numbers[None, :, None]).amax(dim=1)
+            claimed = torch.cat([_last_claiming_gt(overlaps[:, :, block], target, gt_numbers)
                                  for block in blocks], dim=1)
         else:
             # Several GTs may share an argmax prior: amax keeps the highest GT number; ineligible GTs add 0.
@@ -269,6 +271,11 @@ class MaxIoUAssigner:
             claimed = torch.zeros(batch, count, dtype=number_dtype, device=overlaps.device).scatter_reduce(
                 1, gt_argmax, numbers, reduce="amax")
         return torch.where(claimed > 0, claimed.to(gt_inds.dtype), gt_inds)
+
+
+def _last_claiming_gt(overlaps: Tensor, target: Tensor, gt_numbers: Tensor) -> Tensor:
+    """``(B, n)``: the highest number ``gt_numbers[g]`` with ``overlaps[b, g, j] == target[b, g]``, else 0."""
+    return ((overlaps == target[:, :, None]) * gt_numbers[None, :, None]).amax(dim=1)
 
 
 # On CPU the (B, G, N) work runs over blocks of priors of about this many pairs: each block stays in
@@ -331,8 +338,8 @@ def _pad_boxes(boxes: Sequence[Tensor | None], priors: Tensor) -> Tensor:
 def _pad_gts(gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor], priors: Tensor) -> tuple[Tensor, ...]:
     """GTs padded to the batch's largest count: boxes ``(B, G, 4)`` (zeros), int64 labels ``(B, G)``,
     bool ``(B, G)`` marking the real GTs."""
-    labels = pad_sequence([lb.to(device=priors.device, dtype=torch.int64) for lb in gt_labels],
+    labels = pad_sequence([lb.to(device=priors.device, dtype=torch.int64).reshape(-1) for lb in gt_labels],
                           batch_first=True, padding_value=-1)
-    real = pad_sequence([torch.ones(b.shape[0], dtype=torch.bool, device=priors.device) for b in gt_boxes],
+    real = pad_sequence([torch.ones(lb.numel(), dtype=torch.bool, device=priors.device) for lb in gt_labels],
                         batch_first=True)
     return _pad_boxes(gt_boxes, priors), labels, real

@@ -324,6 +324,8 @@ def test_assign_batch_argument_errors():
         assigner.assign_batch(priors, [strips((0, 10))], [torch.tensor([0])], valid=torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="image 0 has gt_boxes"):
         assigner.assign_batch(priors, [strips((0, 10))], [torch.tensor([0, 1])])
+    # An empty box tensor of any shape means no GT, as before.
+    assert assigner.assign(priors, torch.zeros(0), torch.zeros(0, dtype=torch.int64)).gt_inds.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
