@@ -228,29 +228,32 @@ def gt_group_ids(img_inds: Tensor, gt_inds: Tensor, legacy_gt_offset: bool = Fal
 # nms_match and Score-HLR (negatives)
 # --------------------------------------------------------------------------------------------
 
-def _pairwise_iou(boxes: Tensor) -> Tensor:
-    """``(R, V, 4) -> (R, V, V)`` IoU in float32 with no eps (a 0/0 stays NaN and never matches).
+def _iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of the boxes ``a[..., :4]`` and ``b[..., :4]``, broadcast against each other.
 
-    The result is bit-for-bit symmetric: every operation is commutative in IEEE arithmetic.
+    Computed in the boxes' dtype (float32, or float64 if given) with no eps:
+    ``inter / (area_a + area_b - inter)``, so a 0/0 (two zero-area boxes) stays NaN and never
+    matches. Every operation is commutative in IEEE arithmetic, so a pair gets bit for bit the same
+    IoU whichever side each box is on, and in a pairwise matrix as in a list of pairs.
     """
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp_(min=0)
+    h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp_(min=0)
     inter = w.mul_(h)
-    area = (x2 - x1) * (y2 - y1)
-    return inter / (area[:, :, None] + area[:, None, :] - inter)
+    return inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
 
 
 def _greedy_keep(suppressed_by: Tensor, valid: Tensor) -> Tensor:
-    """Keep set of greedy NMS, given who may suppress whom.
+    """Keep set of greedy NMS, given who may suppress whom (used by ``_dense_grouping``).
 
     Args:
-        suppressed_by: ``(R, V, V)`` bool; ``[r, b, a]`` is true iff ``a`` precedes ``b`` in score
+        suppressed_by: ``(R, W, W)`` bool; ``[r, b, a]`` is true iff ``a`` precedes ``b`` in score
             order and would suppress ``b`` if ``a`` is kept.
-        valid: ``(R, V)`` bool, false for padding.
+        valid: ``(R, W)`` bool, false for padding.
 
     Returns:
-        ``(R, V)`` bool keep mask, identical to the sequential greedy pass.
+        ``(R, W)`` bool keep mask, identical to the sequential greedy pass.
 
     A box is decided once every possible suppressor of it is decided: it is dropped as soon as one
     of them is kept, and kept when none is kept. Each round settles at least the first undecided
@@ -267,6 +270,127 @@ def _greedy_keep(suppressed_by: Tensor, valid: Tensor) -> Tensor:
         undecided &= ~ready
         if not bool(undecided.any()):
             return keep
+
+
+@dataclass
+class _Layout:
+    """Boxes of several images in visiting order, image after image (the input of the groupings).
+
+    Attributes:
+        boxes: ``(V, 4)`` boxes in visiting order.
+        run: ``(V,)`` int64 image slot (``0..R-1``, non-decreasing).
+        pos: ``(V,)`` int64 position inside its image.
+        start: ``(V,)`` int64 flat index of its image's first box.
+        sizes: number of boxes of each image slot.
+    """
+
+    boxes: Tensor
+    run: Tensor
+    pos: Tensor
+    start: Tensor
+    sizes: list[int]
+
+
+def _dense_grouping(lay: _Layout, iou_thr: float) -> tuple[Tensor, Tensor]:
+    """Greedy keep set and leaders from the full ``W x W`` suppression mask of every image.
+
+    Returns:
+        ``keep (V,)`` bool and ``leader (V,)`` int64: the flat index of each box's group leader (the
+        earliest kept box that suppresses it; itself if kept), both in visiting order.
+    """
+    num_runs, width = len(lay.sizes), max(lay.sizes)
+    device = lay.boxes.device
+    padded = lay.boxes.new_zeros(num_runs, width, 4)
+    padded[lay.run, lay.pos] = lay.boxes
+    valid = torch.zeros(num_runs, width, dtype=torch.bool, device=device)
+    valid[lay.run, lay.pos] = True
+    # [r, b, a]: a comes before b in visiting order and IoU(a, b) >= thr.
+    earlier = torch.ones(width, width, dtype=torch.bool, device=device).tril(diagonal=-1)
+    suppressed_by = ((_iou(padded[:, :, None], padded[:, None]) >= iou_thr) & earlier
+                     & valid[:, :, None] & valid[:, None, :])
+    keep = _greedy_keep(suppressed_by, valid)
+    # A dropped box joins the first kept box that suppresses it: the one that dropped it greedily.
+    col = torch.arange(width, device=device).expand(num_runs, width)
+    leader = torch.where(keep, col, (suppressed_by & keep[:, None, :]).to(torch.uint8).argmax(dim=2))
+    return keep[lay.run, lay.pos], lay.start + leader[lay.run, lay.pos]
+
+
+def _overlap_pairs(lay: _Layout) -> tuple[Tensor, Tensor]:
+    """Every pair of boxes of one image whose x intervals overlap, each pair once.
+
+    A superset of the pairs with ``IoU >= thr > 0``, whose intersection is not empty, found without
+    a ``W x W`` matrix: sorted by ``x1`` inside each image, the boxes that overlap box ``s`` and come
+    after it in that order are the run of slots ``s + 1 .. hi_s - 1`` with ``x1 < x2_s``
+    (``searchsorted``). Boxes must have finite coordinates.
+
+    Returns:
+        ``(first, second)`` int64 flat indices in visiting order, ``first < second``.
+    """
+    x1, x2 = lay.boxes[:, 0], lay.boxes[:, 2]
+    device = x1.device
+    by_x = _lexsort([(lay.run, False), (x1, False)])  # still image after image, so slot k has run[k], pos[k]
+    rows = x1.new_full((len(lay.sizes), max(lay.sizes)), float("inf"))
+    rows[lay.run, lay.pos] = x1[by_x]
+    ends = torch.zeros_like(rows)
+    ends[lay.run, lay.pos] = x2[by_x]
+    hi = torch.searchsorted(rows, ends, side="left")[lay.run, lay.pos]  # first slot with x1 >= own x2
+    count = (hi - lay.pos - 1).clamp_(min=0)
+    total = int(count.sum())
+    slot = torch.repeat_interleave(torch.arange(count.shape[0], device=device), count, output_size=total)
+    offset = torch.arange(total, device=device) - (torch.cumsum(count, 0) - count)[slot]
+    i, j = by_x[slot], by_x[slot + 1 + offset]
+    return torch.minimum(i, j), torch.maximum(i, j)
+
+
+def _edge_greedy_keep(first: Tensor, second: Tensor, num: int) -> Tensor:
+    """Keep set of greedy NMS from the list of suppression edges (the sparse ``_greedy_keep``).
+
+    Args:
+        first, second: ``(E,)`` int64 flat indices in visiting order: box ``first[e]`` precedes box
+            ``second[e]`` and would suppress it if kept.
+        num: number of boxes ``V``.
+
+    Returns:
+        ``(V,)`` bool keep mask, identical to the sequential greedy pass.
+
+    The same dependency rounds as ``_greedy_keep``, on the edges instead of a ``V x V`` mask: drop
+    the undecided boxes that a kept box suppresses, then keep those with no undecided suppressor
+    left. Edges into decided boxes are dropped as the rounds go.
+    """
+    keep = torch.zeros(num, dtype=torch.bool, device=first.device)
+    undecided = torch.ones_like(keep)
+    while True:
+        undecided[second[keep[first]]] = False
+        live = undecided[second]
+        first, second = first[live], second[live]
+        blocked = torch.zeros_like(keep)
+        blocked[second[undecided[first]]] = True
+        ready = undecided & ~blocked
+        keep |= ready
+        undecided &= ~ready
+        if not bool(undecided.any()):
+            return keep
+
+
+def _sparse_grouping(lay: _Layout, iou_thr: float) -> tuple[Tensor, Tensor]:
+    """``_dense_grouping``'s result from the IoUs of the overlapping pairs only (thresholds > 0).
+
+    A pair that does not overlap has IoU 0 (or NaN) and cannot reach a threshold ``> 0``, so the
+    suppression edges (earlier box, later box, ``IoU >= thr``) all lie among ``_overlap_pairs``,
+    whose IoUs are computed with the same ``_iou`` arithmetic as the dense mask. Each dropped box's
+    leader is the earliest kept box with an edge into it.
+
+    Returns:
+        ``keep (V,)`` bool and ``leader (V,)`` int64, as ``_dense_grouping``.
+    """
+    first, second = _overlap_pairs(lay)
+    hit = _iou(lay.boxes[first], lay.boxes[second]) >= iou_thr
+    first, second = first[hit], second[hit]
+    num = lay.boxes.shape[0]
+    keep = _edge_greedy_keep(first, second, num)
+    by_kept = keep[first]
+    leader = torch.arange(num, device=keep.device)
+    return keep, leader.scatter_reduce_(0, second[by_kept], first[by_kept], reduce="amin", include_self=True)
 
 
 def _batch_index(boxes: Tensor, batch_ids: Tensor | None, fn: str) -> Tensor:
@@ -303,7 +427,14 @@ def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5, batch_ids: Te
 
     Boxes are visited by score (descending, ties to the lower index). An unsuppressed box becomes a
     leader; every later unsuppressed box with ``IoU(leader, box) >= iou_thr`` (note ``>=``) joins
-    its group. Boxes only group with boxes of the same batch id (block mask, exact float32 IoUs).
+    its group. Boxes only group with boxes of the same batch id.
+
+    IoUs are float32 (float64 for float64 boxes) with no eps, as in the greedy definition. For a
+    threshold above zero only overlapping pairs can join, so the IoUs are computed for the pairs
+    whose x intervals overlap (found by a sort and ``searchsorted`` per image) and the keep set
+    comes from dependency rounds over the joining pairs: no ``V x V`` matrix and no loop over boxes,
+    groups or images. A threshold ``<= 0`` (where disjoint boxes join) or non-finite coordinates
+    use the full per-image ``V x V`` mask instead; both give the greedy result exactly.
 
     Args:
         boxes: ``(V, 4)`` float boxes ``(x1, y1, x2, y2)``.
@@ -327,28 +458,19 @@ def nms_match(boxes: Tensor, scores: Tensor, iou_thr: float = 0.5, batch_ids: Te
         return empty, empty.clone()
     boxes, scores = upcast(boxes).detach(), upcast(scores).detach()
     order = _visit_order(scores, batch, legacy_sort)
-    batch_sorted = batch[order]
-    starts = _run_starts([batch_sorted])
-    pos = torch.arange(num, device=device) - starts  # position inside its image, visiting order
+    starts = _run_starts([batch[order]])
     new_run = starts == torch.arange(num, device=device)
     run = torch.cumsum(new_run.long(), 0) - 1
-    num_runs, width = int(run[-1]) + 1, int(pos.max()) + 1  # shapes of the padded layout
-
-    padded = boxes.new_zeros(num_runs, width, 4)
-    padded[run, pos] = boxes[order]
-    valid = torch.zeros(num_runs, width, dtype=torch.bool, device=device)
-    valid[run, pos] = True
-    # [r, b, a]: a comes before b in visiting order and IoU(a, b) >= thr (the IoU matrix is symmetric).
-    earlier = torch.ones(width, width, dtype=torch.bool, device=device).tril(diagonal=-1)
-    suppressed_by = (_pairwise_iou(padded) >= iou_thr) & earlier & valid[:, :, None] & valid[:, None, :]
-    keep = _greedy_keep(suppressed_by, valid)
-
-    # A dropped box joins the first kept box that suppresses it: the one that dropped it greedily.
-    joins = suppressed_by & keep[:, None, :]
-    col = torch.arange(width, device=device).expand(num_runs, width)
-    leader = torch.where(keep, col, joins.to(torch.uint8).argmax(dim=2))
-    group_of_leader = (torch.cumsum(keep.flatten().long(), 0) - 1).view(num_runs, width)
-    group_sorted = group_of_leader.gather(1, leader)[run, pos]
+    lay = _Layout(boxes=boxes[order], run=run, pos=torch.arange(num, device=device) - starts, start=starts,
+                  sizes=torch.bincount(run).tolist())
+    # Pairs that do not overlap have IoU 0 (or NaN): they reach only a threshold <= 0 (as rounded
+    # to the boxes' dtype, the way `iou >= iou_thr` compares), which needs every pair.
+    if float(torch.tensor(iou_thr, dtype=boxes.dtype)) > 0 and bool(torch.isfinite(boxes).all()):
+        keep, leader = _sparse_grouping(lay, iou_thr)
+    else:
+        keep, leader = _dense_grouping(lay, iou_thr)
+    # Groups are numbered in leader order: image after image, by leader score.
+    group_sorted = (torch.cumsum(keep.long(), 0) - 1)[leader]
 
     # Elements of `order` are in visiting order within their image, so a stable sort by group
     # lists each group's members in that order.
