@@ -24,6 +24,7 @@ from pisa.data.classes import ClassInfo, checkpoint_classes
 from pisa.data.errors import ImageDecodeError
 from pisa.data.transforms import to_rgb_image
 from pisa.engine.checkpoint import read_checkpoint_meta
+from pisa.engine.evaluator import encode_masks
 from pisa.eval import build_model_for_checkpoint, load_weights_strict
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -139,12 +140,16 @@ def draw(path: Path, det: dict[str, torch.Tensor], names: Sequence[str], out: Pa
 
 
 def to_coco(image_id: int, path: Path, det: dict[str, torch.Tensor], cat_ids: Sequence[int]) -> list[dict]:
+    """COCO result rows; with ``masks`` each row also holds its ``segmentation`` as compressed RLE."""
     rows = []
     for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
         x1, y1, x2, y2 = box
         rows.append({"image_id": image_id, "file_name": path.name, "category_id": int(cat_ids[label]),
                      "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                      "score": round(score, 4)})
+    if det.get("masks") is not None:
+        for row, rle in zip(rows, encode_masks(det["masks"], len(rows))):
+            row["segmentation"] = rle
     return rows
 
 

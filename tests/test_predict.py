@@ -1,5 +1,7 @@
 """pisa.predict's drawing: class colours, score order, label placement. The CLI runs in test_cli_e2e."""
 
+from pathlib import Path
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -70,3 +72,22 @@ def test_a_label_at_the_right_edge_is_shifted_into_the_image():
     # the image's last column.
     assert _share_of_colour(drawn, 49, range(60, 86), class_colour(1)) == 1
     assert drawn.getpixel((95, 49)) == class_colour(1)
+
+
+def test_to_coco_writes_masks_as_rle_that_decode_to_the_masks():
+    from pycocotools import mask as mask_util
+
+    from pisa.predict import to_coco
+
+    masks = torch.zeros((2, 6, 8), dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True  # 6 pixels
+    masks[1, 4:, :] = True     # 16 pixels
+    det = {"boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 4.0, 8.0, 6.0]]), "scores": torch.tensor([0.9, 0.5]),
+           "labels": torch.tensor([1, 0]), "masks": masks}
+    rows = to_coco(7, Path("img.jpg"), det, [3, 9])
+    assert [r["category_id"] for r in rows] == [9, 3]
+    for row, mask in zip(rows, masks):
+        assert row["segmentation"]["size"] == [6, 8] and isinstance(row["segmentation"]["counts"], str)
+        assert (mask_util.decode(row["segmentation"]) == mask.numpy()).all()
+    assert "segmentation" not in to_coco(7, Path("img.jpg"), {k: v for k, v in det.items() if k != "masks"},
+                                         [3, 9])[0]

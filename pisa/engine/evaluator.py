@@ -27,7 +27,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["CocoEvaluator", "SUMMARY_NAMES"]
+__all__ = ["CocoEvaluator", "SUMMARY_NAMES", "encode_masks"]
 
 # Names of the first six entries of COCOeval.stats (AP at IoU .5:.95, .5, .75; small, medium, large).
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -42,7 +42,7 @@ def _to_numpy(x: Any, dtype: type) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _encode_masks(masks: Any, num: int) -> list[dict]:
+def encode_masks(masks: Any, num: int) -> list[dict]:
     """Masks ``(D, H, W)`` (bool/uint8 nonzero = in; float >= 0.5 = in) or a list of D RLEs -> D RLEs.
 
     RLE ``counts`` are returned as str so the records are JSON-ready and cheap to pickle.
@@ -150,7 +150,7 @@ class CocoEvaluator:
         xywh[:, 2:] -= xywh[:, :2]  # no +1: boxes are continuous coordinates
         record = {"image_id": image_id, "boxes": xywh, "scores": scores, "category_ids": self.cat_ids[labels]}
         if "segm" in self.iou_types:
-            record["rles"] = _encode_masks(det.get("masks"), len(labels))
+            record["rles"] = encode_masks(det.get("masks"), len(labels))
         return record
 
     def gather(self) -> None:
