@@ -315,30 +315,35 @@ def _dense_grouping(lay: _Layout, iou_thr: float) -> tuple[Tensor, Tensor]:
     return keep[lay.run, lay.pos], lay.start + leader[lay.run, lay.pos]
 
 
-def _overlap_pairs(lay: _Layout) -> tuple[Tensor, Tensor]:
-    """Every pair of boxes of one image whose x intervals overlap, each pair once.
+def _joining_pairs(lay: _Layout, iou_thr: float) -> tuple[Tensor, Tensor]:
+    """Every pair of boxes of one image with ``IoU >= iou_thr``, for a threshold ``> 0``.
 
-    A superset of the pairs with ``IoU >= thr > 0``, whose intersection is not empty, found without
-    a ``W x W`` matrix: sorted by ``x1`` inside each image, the boxes that overlap box ``s`` and come
-    after it in that order are the run of slots ``s + 1 .. hi_s - 1`` with ``x1 < x2_s``
-    (``searchsorted``). Boxes must have finite coordinates.
+    Such a pair overlaps (a disjoint pair has IoU 0, or NaN), so it is found without a ``W x W``
+    matrix: with each image's boxes sorted by ``x1`` into slots, the boxes that come after slot
+    ``s`` and overlap it in x are the slots ``s + 1 .. hi_s - 1``, those with ``x1 < x2_s``
+    (``searchsorted``). Only these pairs get an IoU, with the same ``_iou`` arithmetic as the dense
+    mask. Boxes must have finite coordinates.
 
     Returns:
         ``(first, second)`` int64 flat indices in visiting order, ``first < second``.
     """
-    x1, x2 = lay.boxes[:, 0], lay.boxes[:, 2]
-    device = x1.device
-    by_x = _lexsort([(lay.run, False), (x1, False)])  # still image after image, so slot k has run[k], pos[k]
-    rows = x1.new_full((len(lay.sizes), max(lay.sizes)), float("inf"))
-    rows[lay.run, lay.pos] = x1[by_x]
+    by_x = _lexsort([(lay.run, False), (lay.boxes[:, 0], False)])  # still image after image
+    sorted_boxes = lay.boxes[by_x]  # slot k holds box by_x[k]; it has run[k], pos[k]
+    device = sorted_boxes.device
+    rows = sorted_boxes.new_full((len(lay.sizes), max(lay.sizes)), float("inf"))
+    rows[lay.run, lay.pos] = sorted_boxes[:, 0]
     ends = torch.zeros_like(rows)
-    ends[lay.run, lay.pos] = x2[by_x]
+    ends[lay.run, lay.pos] = sorted_boxes[:, 2]
     hi = torch.searchsorted(rows, ends, side="left")[lay.run, lay.pos]  # first slot with x1 >= own x2
     count = (hi - lay.pos - 1).clamp_(min=0)
     total = int(count.sum())
-    slot = torch.repeat_interleave(torch.arange(count.shape[0], device=device), count, output_size=total)
-    offset = torch.arange(total, device=device) - (torch.cumsum(count, 0) - count)[slot]
-    i, j = by_x[slot], by_x[slot + 1 + offset]
+    slots = torch.arange(count.shape[0], device=device)
+    slot = torch.repeat_interleave(slots, count, output_size=total)
+    # The k-th pair of slot s pairs it with slot s + 1 + k.
+    other = torch.arange(total, device=device) + (slots + 1 - (torch.cumsum(count, 0) - count))[slot]
+    coords = sorted_boxes.t().contiguous()  # (4, V): gathers of whole coordinate rows are the fast layout
+    hit = _iou(coords.index_select(1, slot).t(), coords.index_select(1, other).t()) >= iou_thr
+    i, j = by_x[slot[hit]], by_x[other[hit]]
     return torch.minimum(i, j), torch.maximum(i, j)
 
 
@@ -375,17 +380,14 @@ def _edge_greedy_keep(first: Tensor, second: Tensor, num: int) -> Tensor:
 def _sparse_grouping(lay: _Layout, iou_thr: float) -> tuple[Tensor, Tensor]:
     """``_dense_grouping``'s result from the IoUs of the overlapping pairs only (thresholds > 0).
 
-    A pair that does not overlap has IoU 0 (or NaN) and cannot reach a threshold ``> 0``, so the
-    suppression edges (earlier box, later box, ``IoU >= thr``) all lie among ``_overlap_pairs``,
-    whose IoUs are computed with the same ``_iou`` arithmetic as the dense mask. Each dropped box's
-    leader is the earliest kept box with an edge into it.
+    The suppression edges (earlier box, later box, ``IoU >= thr``) come from ``_joining_pairs``, the
+    keep set from ``_edge_greedy_keep``; each dropped box's leader is the earliest kept box with an
+    edge into it.
 
     Returns:
         ``keep (V,)`` bool and ``leader (V,)`` int64, as ``_dense_grouping``.
     """
-    first, second = _overlap_pairs(lay)
-    hit = _iou(lay.boxes[first], lay.boxes[second]) >= iou_thr
-    first, second = first[hit], second[hit]
+    first, second = _joining_pairs(lay, iou_thr)
     num = lay.boxes.shape[0]
     keep = _edge_greedy_keep(first, second, num)
     by_kept = keep[first]
