@@ -18,9 +18,9 @@ from pisa.models.fpn import RetinaFPN
 from pisa.models.retina_head import CARLSettings, ISRPSettings, RetinaHead, RetinaNetLoss
 from pisa.models.retinanet import RetinaNet, RetinaNetPostProcessor
 from pisa.models.two_stage import build_faster_rcnn, build_mask_rcnn
-from pisa.models.ssd import build_ssd
 from pisa.models.paa import build_paa
 from pisa.models.sampling_free import sampling_free_parts
+from pisa.models.ssd import build_ssd
 
 __all__ = ["build_model", "build_retinanet", "MODELS", "BACKBONES"]
 
@@ -70,7 +70,8 @@ def build_retinanet(cfg: dict) -> RetinaNet:
     return RetinaNet(backbone, neck, head, criterion, postprocessor)
 
 
-MODELS: dict[str, Callable[[dict], nn.Module]] = {"retinanet": build_retinanet, "ssd": build_ssd, "paa": build_paa,
+MODELS: dict[str, Callable[[dict], nn.Module]] = {"retinanet": build_retinanet, "ssd": build_ssd,
+                                                  "paa": build_paa,
                                                   "faster_rcnn": build_faster_rcnn, "mask_rcnn": build_mask_rcnn}
 
 
