@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from pisa.losses import score_hlr
 from pisa.models.assigners import MaxIoUAssigner
 from pisa.models.box_coder import DeltaXYWHCoder, box_iou
 from pisa.models.samplers import ScoreHLRSampler, add_gts_as_proposals, force_gt_matches
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_retinanet import timed_interleaved  # noqa: E402  (the shared timing helper)
 
 IMAGE_H, IMAGE_W = 800, 1333
 
@@ -209,29 +212,6 @@ def loop_sample(sampler: ScoreHLRSampler, assigns, candidates, scorer, generator
         weights = weights * selected_loss.sum() / (selected_loss * weights).sum()
         results.append((pos, neg[selected], weights, n_hlr))
     return results
-
-
-# --------------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------------
-
-def timed_interleaved(fns: dict, device: torch.device, warmup: int, repeat: int) -> dict[str, float]:
-    """Median wall time (ms) of each ``fns[name]()``, run in turn within every repeat, so that a slow
-    phase of a shared machine lands on all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def check_agreement(batched, looped) -> tuple[int, float]:

@@ -221,14 +221,7 @@ def load_model_checkpoint(path: str | os.PathLike, model_cfg: dict,
     """``(state_dict, embedded_config)``, as ``load_model_weights``; ``embedded_config`` is the config
     text an mmdetection file carries in ``meta["config"]`` (kept as ``meta["mmdet_config"]`` by
     ``scripts/convert_mmdet.py``), or None."""
-    try:
-        obj = load_checkpoint(path, trust=trust)
-    except CheckpointError as err:
-        if TRUST_HINT not in str(err):
-            raise
-        # mmdetection files may hold a few known-safe non-tensor objects; the converter's reader
-        # knows which, and refuses anything else with the same advice.
-        obj = _via_converter(lambda convert: convert.read_mmdet_checkpoint(str(path), trust=trust))
+    obj = _read_any_checkpoint(path, trust)
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     if isinstance(obj.get("model"), dict):
         state, text = strip_module_prefix(obj["model"]), meta.get("mmdet_config")
@@ -246,14 +239,20 @@ def read_checkpoint_meta(path: str | os.PathLike, trust: bool = False) -> dict[s
 
     pisa checkpoints keep ``class_names`` and ``cat_ids`` there; mmdetection ones ``CLASSES``.
     """
+    meta = _read_any_checkpoint(path, trust).get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_any_checkpoint(path: str | os.PathLike, trust: bool) -> dict[str, Any]:
+    """``load_checkpoint``, falling back to the converter's reader for mmdetection files: they may hold
+    a few known-safe non-tensor objects; that reader knows which, and refuses anything else with the
+    same advice."""
     try:
-        obj = load_checkpoint(path, trust=trust)
+        return load_checkpoint(path, trust=trust)
     except CheckpointError as err:
         if TRUST_HINT not in str(err):
             raise
-        obj = _via_converter(lambda convert: convert.read_mmdet_checkpoint(str(path), trust=trust))
-    meta = obj.get("meta")
-    return meta if isinstance(meta, dict) else {}
+        return _via_converter(lambda convert: convert.read_mmdet_checkpoint(str(path), trust=trust))
 
 
 def _via_converter(call):
