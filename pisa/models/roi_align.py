@@ -74,7 +74,9 @@ class MultiScaleRoIAlign(nn.Module):
                              f"got {tuple(rois.shape)}")
         levels = map_roi_levels(rois[:, 1:], num_levels, self.finest_scale)
         channels = features[0].shape[1]
-        out = features[0].new_zeros((rois.shape[0], channels, self.output_size, self.output_size))
+        # Every RoI has exactly one level, so each row is written once: no zero fill, and the in-place
+        # scatter avoids copying the whole output once per level.
+        out = features[0].new_empty((rois.shape[0], channels, self.output_size, self.output_size))
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             inds = torch.nonzero(levels == level).squeeze(1)
             if inds.numel() == 0:
@@ -83,7 +85,7 @@ class MultiScaleRoIAlign(nn.Module):
             dtype = torch.promote_types(feature.dtype, rois.dtype)
             pooled = roi_align(feature.to(dtype), rois[inds].to(dtype), self.output_size,
                                spatial_scale=1.0 / stride, sampling_ratio=self.sampling_ratio, aligned=True)
-            out = out.index_copy(0, inds, pooled.to(out.dtype))
+            out.index_copy_(0, inds, pooled.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:
