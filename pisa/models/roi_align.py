@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["map_roi_levels", "MultiScaleRoIAlign"]
+__all__ = ["map_roi_levels", "MultiScaleRoIAlign", "ungroup"]
 
 
 def map_roi_levels(rois: Tensor, num_levels: int = 4, finest_scale: float = 56.0) -> Tensor:
@@ -39,6 +39,18 @@ def map_roi_levels(rois: Tensor, num_levels: int = 4, finest_scale: float = 56.0
     scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
     return levels.clamp(min=0, max=num_levels - 1).long()
+
+
+def ungroup(grouped: Tensor, order: Tensor | None) -> Tensor:
+    """Rows of ``grouped`` back in input order: row ``order[i]`` of the result is ``grouped[i]``.
+
+    ``order`` is the permutation from :meth:`MultiScaleRoIAlign.forward_grouped` (``None``: identity).
+    """
+    if order is None:
+        return grouped
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return grouped.index_select(0, inverse)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -65,6 +77,17 @@ class MultiScaleRoIAlign(nn.Module):
         self.finest_scale = float(finest_scale)
 
     def forward(self, features: Sequence[Tensor], rois: Tensor) -> Tensor:
+        pooled, order = self.forward_grouped(features, rois)
+        return ungroup(pooled, order)
+
+    def forward_grouped(self, features: Sequence[Tensor], rois: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The pooled RoIs grouped by level, and where each row came from.
+
+        Returns ``(pooled, order)``: ``pooled (R, C, out, out)`` holds the RoIs of P2 first, then P3, ...,
+        each level's in their input order, and row ``i`` is RoI ``order[i]``; ``order`` is ``None`` when
+        that is already the input order (all RoIs on one level). A head that treats RoIs independently
+        can run on ``pooled`` and :func:`ungroup` its (smaller) outputs instead of the pooled features.
+        """
         num_levels = len(self.strides)
         if len(features) < num_levels:
             raise ValueError(f"MultiScaleRoIAlign: {len(features)} feature maps for {num_levels} strides "
@@ -73,20 +96,23 @@ class MultiScaleRoIAlign(nn.Module):
             raise ValueError(f"MultiScaleRoIAlign: rois must be (R, 5) [batch_idx, x1, y1, x2, y2], "
                              f"got {tuple(rois.shape)}")
         levels = map_roi_levels(rois[:, 1:], num_levels, self.finest_scale)
-        channels = features[0].shape[1]
-        # Every RoI has exactly one level, so each row is written once: no zero fill, and the in-place
-        # scatter avoids copying the whole output once per level.
-        out = features[0].new_empty((rois.shape[0], channels, self.output_size, self.output_size))
+        pooled, order = [], []
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             inds = torch.nonzero(levels == level).squeeze(1)
             if inds.numel() == 0:
                 continue
             # roi_align needs one dtype; never round the boxes to half precision.
             dtype = torch.promote_types(feature.dtype, rois.dtype)
-            pooled = roi_align(feature.to(dtype), rois[inds].to(dtype), self.output_size,
-                               spatial_scale=1.0 / stride, sampling_ratio=self.sampling_ratio, aligned=True)
-            out.index_copy_(0, inds, pooled.to(out.dtype))
-        return out
+            level_pooled = roi_align(feature.to(dtype), rois[inds].to(dtype), self.output_size,
+                                     spatial_scale=1.0 / stride, sampling_ratio=self.sampling_ratio, aligned=True)
+            pooled.append(level_pooled.to(features[0].dtype))
+            order.append(inds)
+        if not pooled:  # no RoIs at all
+            channels = features[0].shape[1]
+            return features[0].new_zeros((0, channels, self.output_size, self.output_size)), None
+        if len(pooled) == 1:
+            return pooled[0], None
+        return torch.cat(pooled), torch.cat(order)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, strides={self.strides}, sampling_ratio={self.sampling_ratio}, "

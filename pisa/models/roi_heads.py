@@ -22,6 +22,7 @@ from pisa.losses import carl_loss, isr_p, l1_loss, smooth_l1_loss, softmax_cross
 from pisa.models.mask_head import mask_loss, mask_targets, paste_masks
 from pisa.models.postprocess import multiclass_nms
 from pisa.models.retina_head import CARLSettings, ISRPSettings
+from pisa.models.roi_align import ungroup
 from pisa.models.samplers import SampleResult, add_gts_as_proposals, force_gt_matches
 
 __all__ = ["BBoxHead", "RoIHead", "RoITargets", "RCNNTestSettings", "boxes_to_rois"]
@@ -65,6 +66,14 @@ class BBoxHead(nn.Module):
         for fc in self.shared_fcs:
             x = torch.relu(fc(x))
         return self.fc_cls(x), self.fc_reg(x)
+
+
+def _pool_grouped(pool: nn.Module, features: list[Tensor], rois: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``pool.forward_grouped`` where the extractor has it (:class:`MultiScaleRoIAlign`), else its plain
+    output in RoI order."""
+    if hasattr(pool, "forward_grouped"):
+        return pool.forward_grouped(features, rois)
+    return pool(features, rois), None
 
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
@@ -121,6 +130,8 @@ class RoIHead(nn.Module):
         test: :class:`RCNNTestSettings`.
         mask_roi_pool, mask_head: the mask branch (Mask R-CNN), or ``None``; ``mask_weight`` scales
             ``loss_mask``; mask targets clip the RoIs to the image's shape padded to ``pad_divisor``.
+        generator: the ``torch.Generator`` of the sampler's random draws (random sampling, Score-HLR's
+            random fill); torch's default when ``None``.
 
     ``forward(features, proposals, targets)``: ``features`` P2..P5 ``(B, C_feat, H_l, W_l)``;
     ``proposals`` per image ``(R_i, 4)`` detached boxes in input-image pixels. Train mode returns
@@ -134,7 +145,8 @@ class RoIHead(nn.Module):
                  bbox_loss: str = "l1", bbox_beta: float = 1.0, bbox_weight: float = 1.0,
                  isr_p: ISRPSettings | None = None, carl: CARLSettings | None = None,
                  test: RCNNTestSettings = RCNNTestSettings(), mask_roi_pool: nn.Module | None = None,
-                 mask_head: nn.Module | None = None, mask_weight: float = 1.0, pad_divisor: int = 32) -> None:
+                 mask_head: nn.Module | None = None, mask_weight: float = 1.0, pad_divisor: int = 32,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if bbox_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"model.roi_head.loss_bbox.type must be 'l1' or 'smooth_l1', got {bbox_loss!r}")
@@ -148,6 +160,7 @@ class RoIHead(nn.Module):
         self.cls_weight, self.bbox_loss, self.bbox_beta, self.bbox_weight = cls_weight, bbox_loss, bbox_beta, bbox_weight
         self.mask_weight, self.pad_divisor = mask_weight, pad_divisor
         self.isr_p, self.carl, self.test = isr_p, carl, test
+        self.generator = generator
 
     @property
     def with_mask(self) -> bool:
@@ -162,8 +175,19 @@ class RoIHead(nn.Module):
     # ---- box branch ----------------------------------------------------------------------------
 
     def box_forward(self, features: list[Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
-        """RoIAlign + box head on ``rois (R, 5)``: ``(logits (R, C + 1), deltas (R, 4C))``."""
-        return self.bbox_head(self.bbox_roi_pool(features, rois))
+        """RoIAlign + box head on ``rois (R, 5)``: ``(logits (R, C + 1), deltas (R, 4C))``.
+
+        The head runs on the RoIs grouped by level and its outputs are put back in RoI order, which
+        moves ``R x (C + 5)`` numbers instead of the ``R x 256 x 7 x 7`` pooled features.
+        """
+        pooled, order = _pool_grouped(self.bbox_roi_pool, features, rois)
+        logits, deltas = self.bbox_head(pooled)
+        return ungroup(logits, order), ungroup(deltas, order)
+
+    def mask_forward(self, features: list[Tensor], rois: Tensor) -> Tensor:
+        """RoIAlign + mask head on ``rois (R, 5)``: mask logits ``(R, C, 2·out, 2·out)`` in RoI order."""
+        pooled, order = _pool_grouped(self.mask_roi_pool, features, rois)
+        return ungroup(self.mask_head(pooled), order)
 
     def _score_boxes(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         """The sampler's ``scorer``: the current box branch on per-image boxes, image order."""
@@ -217,7 +241,8 @@ class RoIHead(nn.Module):
     def loss(self, features: list[Tensor], proposals: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         """Assign, sample (one batched call), box forward on the samples, losses (+ mask loss)."""
         candidates, assigns = self.assign(proposals, targets)
-        samples = self.sampler.sample_batch(assigns, candidates, scorer=partial(self._score_boxes, features))
+        samples = self.sampler.sample_batch(assigns, candidates, generator=self.generator,
+                                            scorer=partial(self._score_boxes, features))
         t = self.get_targets(candidates, assigns, samples, targets)
         logits, deltas = self.box_forward(features, t.rois)
         losses = self.box_losses(logits, deltas, t)
@@ -267,7 +292,7 @@ class RoIHead(nn.Module):
                     samples: list[SampleResult], targets: list[dict]) -> Tensor:
         """``loss_mask`` on the sampled positives only: per-class sigmoid BCE at the mask size."""
         pos_boxes = [c[s.pos_inds] for c, s in zip(candidates, samples)]
-        logits = self.mask_head(self.mask_roi_pool(features, boxes_to_rois(pos_boxes)))
+        logits = self.mask_forward(features, boxes_to_rois(pos_boxes))
         size = logits.shape[-1]
         mask_t, labels = [], []
         for boxes, assign, sample, target in zip(pos_boxes, assigns, samples, targets):
@@ -313,7 +338,7 @@ class RoIHead(nn.Module):
         for det, meta in zip(detections, targets):
             sx, sy = meta["scale_factor"]
             scaled.append(det["boxes"] * det["boxes"].new_tensor([sx, sy, sx, sy]))
-        logits = self.mask_head(self.mask_roi_pool(features, boxes_to_rois(scaled)))
+        logits = self.mask_forward(features, boxes_to_rois(scaled))
         counts = [d["boxes"].shape[0] for d in detections]
         for det, mask_logits, meta in zip(detections, logits.split(counts), targets):
             rows = torch.arange(det["labels"].numel(), device=mask_logits.device)

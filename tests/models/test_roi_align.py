@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from pisa.models.roi_align import MultiScaleRoIAlign, map_roi_levels
+from pisa.models.roi_align import MultiScaleRoIAlign, map_roi_levels, ungroup
 
 
 def _squares(sides):
@@ -61,6 +61,32 @@ def test_each_roi_is_pooled_on_its_level_and_image_in_input_order():
     expected = torch.tensor([30.0 + 1, 0.0, 20.0, 10.0 + 1, 0.0 + 1])
     for c in range(3):
         torch.testing.assert_close(out[:, c].mean(dim=(1, 2)), expected + 100.0 * c)
+
+
+def test_grouped_rows_are_by_level_and_ungroup_restores_input_order():
+    pool = MultiScaleRoIAlign(output_size=7)
+    feats = _level_features()
+    boxes = _squares([500.0, 30.0, 300.0, 150.0, 60.0])  # levels 3, 0, 2, 1, 0
+    rois = torch.cat([torch.tensor([[1.0], [0.0], [0.0], [1.0], [1.0]]), boxes], dim=1)
+    grouped, order = pool.forward_grouped(feats, rois)
+    # P2 first (RoIs 1 and 4, in input order), then P3 (3), P4 (2), P5 (0).
+    assert order.tolist() == [1, 4, 3, 2, 0]
+    torch.testing.assert_close(grouped[:, 0].mean(dim=(1, 2)), torch.tensor([0.0, 1.0, 11.0, 20.0, 31.0]))
+    assert torch.equal(ungroup(grouped, order), pool(feats, rois))
+    # A row-wise head can run on the grouped rows: ungrouping its output equals running it in order.
+    head = torch.nn.Linear(3 * 49, 2)
+    torch.testing.assert_close(ungroup(head(grouped.flatten(1)), order), head(pool(feats, rois).flatten(1)))
+
+
+def test_grouped_on_one_level_or_no_rois_keeps_the_input_order():
+    pool = MultiScaleRoIAlign(output_size=7)
+    feats = _level_features()
+    rois = torch.cat([torch.tensor([[0.0], [1.0]]), _squares([30.0, 60.0])], dim=1)  # both on P2
+    grouped, order = pool.forward_grouped(feats, rois)
+    assert order is None and ungroup(grouped, order) is grouped
+    torch.testing.assert_close(grouped[:, 0].mean(dim=(1, 2)), torch.tensor([0.0, 1.0]))
+    empty, order = pool.forward_grouped(feats, torch.zeros(0, 5))
+    assert empty.shape == (0, 3, 7, 7) and order is None
 
 
 def test_matches_torchvision_roi_align_per_level_with_the_level_stride():

@@ -334,3 +334,22 @@ def test_detect_rescales_to_the_original_image_and_pastes_masks():
     # Without proposals an image gets empty, well-shaped outputs.
     empty = head(feats, [torch.zeros(0, 4), proposals[1]], metas)
     assert empty[0]["boxes"].shape == (0, 4) and empty[0]["masks"].shape == (0, 32, 32)
+
+
+def test_the_heads_generator_drives_the_random_sampler():
+    """Two heads with equal weights and equally seeded generators sample the same RoIs, so their losses
+    are equal even though torch's default generator moves on in between; another seed samples others."""
+    gt = [[8.0, 8.0, 40.0, 40.0], [30.0, 20.0, 60.0, 50.0]]
+    props = [jittered_proposals(gt, 40, seed=3), jittered_proposals(gt, 40, seed=4)]
+    targets = [target(gt, [0, 1]), target(gt, [1, 0])]
+    feats = features()
+
+    def losses(seed: int) -> dict:
+        head = make_head(sampler=RandomSampler(16, 0.25))
+        head.generator = torch.Generator().manual_seed(seed)
+        torch.rand(7)  # moves the default generator: it must not matter
+        return head(feats, props, targets)
+
+    first, again, other = losses(5), losses(5), losses(6)
+    assert torch.equal(first["loss_cls"], again["loss_cls"]) and torch.equal(first["loss_bbox"], again["loss_bbox"])
+    assert not torch.equal(first["loss_cls"], other["loss_cls"])
