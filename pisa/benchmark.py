@@ -12,9 +12,13 @@ note), on the same random inputs in one process:
 
 RetinaNet's torchvision counterpart is its ``RetinaNet`` class built like ``retinanet_resnet50_fpn``
 (frozen-BN ResNet-50, three trainable stages) but with P6 from C5 as the reference, pisa's anchor
-sizes, and pisa's weights copied in. The others are torchvision's models with their own random
-initialisation (no weight mapping yet; inference time then also depends on how many boxes pass the
-score threshold, so read their inference ratios with that in mind).
+sizes, and pisa's weights copied in. Faster / Mask R-CNN's are torchvision's ``FasterRCNN`` /
+``MaskRCNN`` on the same frozen-BN ResNet-50-FPN with the reference's proposal and detection counts,
+no proposal size filter, and pisa's weights copied in (class order adapted), after the random RPN
+is rescaled to give realistic proposals (:func:`calibrate_rpn`). torchvision pools with 2 samples
+per bin and ``aligned=False``; pisa pools as the reference (adaptive samples, ``aligned=True``),
+which costs more on large RoIs. SSD300's counterpart has its own random initialisation (no weight
+mapping; its inference time then also depends on how many boxes pass the score threshold).
 
 Then data loading (pisa's training pipeline at the R-50 configs' 1333x800 scale, generated demo
 images) and COCO evaluation (100 detections per image, pycocotools) per image. Every timing is a
@@ -289,14 +293,82 @@ def torchvision_retinanet(cfg: dict, pisa_model: nn.Module, size: int) -> tuple[
     return model, True
 
 
+def two_stage_state_for_torchvision(pisa_state: dict, tv_state: dict, num_classes: int) -> dict:
+    """pisa's Faster / Mask R-CNN state dict in torchvision's names, for ``tv_state``'s model.
+
+    torchvision's background is class 0 and it has background box rows and a background mask channel:
+    the classifier rows move from last to first, the extra rows are zero (never used by torchvision's
+    losses or post-processing). Raises ``KeyError`` unless every torchvision tensor is covered.
+    """
+    fixed = {"backbone.": "backbone.body.", "rpn.head.rpn_conv.": "rpn.head.conv.0.0.",
+             "rpn.head.rpn_cls.": "rpn.head.cls_logits.", "rpn.head.rpn_reg.": "rpn.head.bbox_pred.",
+             "roi_head.bbox_head.shared_fcs.0.": "roi_heads.box_head.fc6.",
+             "roi_head.bbox_head.shared_fcs.1.": "roi_heads.box_head.fc7.",
+             "roi_head.bbox_head.fc_cls.": "roi_heads.box_predictor.cls_score.",
+             "roi_head.bbox_head.fc_reg.": "roi_heads.box_predictor.bbox_pred.",
+             "roi_head.mask_head.upsample.": "roi_heads.mask_predictor.conv5_mask.",
+             "roi_head.mask_head.conv_logits.": "roi_heads.mask_predictor.mask_fcn_logits."}
+    for i in range(4):
+        fixed[f"neck.lateral_convs.{i}."] = f"backbone.fpn.inner_blocks.{i}.0."
+        fixed[f"neck.output_convs.{i}."] = f"backbone.fpn.layer_blocks.{i}.0."
+        fixed[f"roi_head.mask_head.convs.{i}."] = f"roi_heads.mask_head.{i}.0."
+    out = {}
+    for key, value in pisa_state.items():
+        if key.endswith("num_batches_tracked"):  # FrozenBatchNorm2d keeps no counter
+            continue
+        prefix = max((p for p in fixed if key.startswith(p)), key=len, default=None)
+        if prefix is None:
+            raise KeyError(f"no torchvision counterpart for pisa two-stage key {key}")
+        out[fixed[prefix] + key[len(prefix):]] = value
+    c = num_classes
+    cls_w, cls_b = "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias"
+    out[cls_w], out[cls_b] = torch.cat([out[cls_w][c:], out[cls_w][:c]]), torch.cat([out[cls_b][c:], out[cls_b][:c]])
+    for name in ("weight", "bias"):
+        key = f"roi_heads.box_predictor.bbox_pred.{name}"
+        out[key] = torch.cat([torch.zeros_like(out[key][:4]), out[key]])
+        key = f"roi_heads.mask_predictor.mask_fcn_logits.{name}"
+        if key in out:
+            out[key] = torch.cat([torch.zeros_like(out[key][:1]), out[key]])
+    missing, unexpected = set(tv_state) - set(out), set(out) - set(tv_state)
+    if missing or unexpected:
+        raise KeyError(f"weight copy to torchvision: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return out
+
+
+@torch.no_grad()
+def calibrate_rpn(model: nn.Module, images: torch.Tensor) -> None:
+    """Rescale a random two-stage model's RPN output convs: objectness logits of std 1, deltas of std 0.1.
+
+    A randomly initialised ResNet-50 gives features of large magnitude, so untouched random weights
+    saturate every objectness score at 1.0 and clamp the deltas at ±4.1: most proposals come out as
+    zero-width slivers at the image border, which torchvision's RPN drops and pisa's keeps (the
+    reference has no size filter), and which pool nothing. Rescaled, the proposals are perturbed
+    anchors of every level, as in a trained model, and both libraries pool the same number of RoIs.
+    """
+    was_training = model.training
+    model.eval()
+    hidden = [torch.relu(model.rpn.head.rpn_conv(f)) for f in model.neck(model.backbone(images))]
+    for conv, target in ((model.rpn.head.rpn_cls, 1.0), (model.rpn.head.rpn_reg, 0.1)):
+        conv.weight.mul_(target / torch.cat([conv(h).flatten() for h in hidden]).std())
+    model.train(was_training)
+
+
 def torchvision_two_stage(mask: bool) -> Callable[[dict, nn.Module, int], tuple[nn.Module, bool]]:
     def build(cfg: dict, pisa_model: nn.Module, size: int) -> tuple[nn.Module, bool]:
         from torchvision.models.detection import FasterRCNN, MaskRCNN
 
+        rpn, roi = cfg["model"]["rpn"], cfg["model"]["roi_head"]
         cls = MaskRCNN if mask else FasterRCNN
-        # The reference's RPN keeps 1000 proposals per image in training (torchvision: 2000).
-        return cls(_frozen_bn_resnet50_fpn(), NUM_CLASSES + 1, rpn_post_nms_top_n_train=1000,
-                   **_tv_transform_args(size)), False
+        # The reference's counts: train 2000 per level, 1000 kept; test 1000 / 1000; 512 RoIs at 1/4.
+        model = cls(_frozen_bn_resnet50_fpn(), NUM_CLASSES + 1, rpn_pre_nms_top_n_train=rpn["train"]["nms_pre"],
+                    rpn_post_nms_top_n_train=rpn["train"]["max_per_img"], rpn_pre_nms_top_n_test=rpn["test"]["nms_pre"],
+                    rpn_post_nms_top_n_test=rpn["test"]["max_per_img"], box_score_thresh=roi["test"]["score_thr"],
+                    box_nms_thresh=roi["test"]["nms_iou"], box_detections_per_img=roi["test"]["max_per_img"],
+                    **_tv_transform_args(size))
+        model.rpn.min_size = 0.0  # the reference keeps proposals of any size
+        model.load_state_dict(two_stage_state_for_torchvision(pisa_model.state_dict(), model.state_dict(),
+                                                              NUM_CLASSES))
+        return model, True
     return build
 
 
@@ -339,15 +411,19 @@ def inference(model: nn.Module, *args) -> Callable[[], None]:
 
 def bench_detector(spec: DetectorSpec, s: Settings) -> list[Row]:
     """Training-step and inference rows of one detector (see the module doc)."""
-    baseline, with_pisa, cfg = pisa_models(spec, s.device)
     size = spec.fixed_size or s.size
+    images, targets, tv_targets = random_batch(s.batch, size, s.device, masks=spec.model_type == "mask_rcnn")
+    baseline, with_pisa, cfg = pisa_models(spec, s.device)
+    if spec.model_type in ("faster_rcnn", "mask_rcnn"):
+        calibrate_rpn(baseline, images)
+        if with_pisa is not None:
+            with_pisa.load_state_dict(baseline.state_dict())
     tv, same_weights = (None, False)
     if spec.torchvision:
         tv, same_weights = TORCHVISION_BUILDERS[spec.torchvision](cfg, baseline, size)
         tv = tv.to(s.device)
     note = "" if tv is None else ("torchvision with pisa's weights" if same_weights
                                   else "torchvision with its own random init (no weight mapping)")
-    images, targets, tv_targets = random_batch(s.batch, size, s.device, masks=spec.model_type == "mask_rcnn")
     steps = {"pisa baseline": train_step(baseline, images, targets)}
     if with_pisa is not None:
         steps["pisa PISA"] = train_step(with_pisa, images, targets)

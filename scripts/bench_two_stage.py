@@ -18,7 +18,8 @@ backbone (FrozenBatchNorm, stem and layer1 frozen, as pisa's configs, which howe
 BatchNorm affine of stages 2-4 as the reference does) but with random weights
 (``weights=None, weights_backbone=None`` alone would also unfreeze every layer and train BatchNorm),
 and with the reference's proposal counts (train: 2000 per level, 1000 kept; test: 1000 / 1000), 512
-RoIs at 1/4 positives, score 0.05, NMS 0.5, 100 detections. pisa's random weights are copied into it
+RoIs at 1/4 positives, score 0.05, NMS 0.5, 100 detections, and proposals of any size kept (its
+``rpn.min_size`` set to 0, as the reference has no size filter). pisa's random weights are copied into it
 (class order and the background rows adapted), so both score the same proposals alike. Differences
 that stay: torchvision resizes and normalises inside the model (a no-op resize here), rounds its
 anchors, pools with ``aligned=False`` and 2 samples per bin (pisa: ``aligned=True``, adaptive, as the
@@ -43,6 +44,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_retinanet import timed_interleaved, train_step_fn  # noqa: E402  (same timing helpers)
 
+from pisa.benchmark import calibrate_rpn, two_stage_state_for_torchvision  # noqa: E402
 from pisa.config import load_config  # noqa: E402
 from pisa.models import build_model  # noqa: E402
 from pisa.models.mask_head import paste_masks  # noqa: E402
@@ -74,8 +76,10 @@ def random_batch(batch: int, size: int, num_classes: int, num_gts: int, device: 
     return images.to(device), targets
 
 
-def pisa_models(kind: str, num_classes: int, overrides: list[str], device: torch.device):
-    """PISA model, the same config without ``pisa:``, and the baseline config; one set of weights."""
+def pisa_models(kind: str, num_classes: int, overrides: list[str], device: torch.device,
+                images: torch.Tensor | None = None):
+    """PISA model, the same config without ``pisa:``, and the baseline config; one set of weights (the
+    RPN rescaled on ``images`` by :func:`pisa.benchmark.calibrate_rpn` when they are given)."""
     common = ["model.backbone.pretrained=null", f"model.num_classes={num_classes}", *overrides]
     pisa_path, base_path = CONFIGS[kind]
     cfg = load_config(pisa_path, common, check_paths=False)  # no dataset is read here
@@ -84,6 +88,8 @@ def pisa_models(kind: str, num_classes: int, overrides: list[str], device: torch
     base_cfg = load_config(base_path, common, check_paths=False)
     torch.manual_seed(0)
     models = {"pisa": build_model(cfg), "no_pisa": build_model(no_pisa_cfg), "base": build_model(base_cfg)}
+    if images is not None:
+        calibrate_rpn(models["pisa"], images.cpu())  # still on the CPU here
     for name in ("no_pisa", "base"):
         models[name].load_state_dict(models["pisa"].state_dict())
     return {name: m.to(device) for name, m in models.items()}, base_cfg
@@ -94,50 +100,16 @@ def torchvision_model(kind: str, num_classes: int, size: int, test_cfg: dict) ->
     trunk = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(trunk, trainable_layers=3)
     cls = MaskRCNN if kind == "mask" else FasterRCNN
-    return cls(backbone, num_classes + 1, min_size=size, max_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+    model = cls(backbone, num_classes + 1, min_size=size, max_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
                rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
                rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
                box_batch_size_per_image=512, box_positive_fraction=0.25,
                box_score_thresh=test_cfg["score_thr"], box_nms_thresh=test_cfg["nms_iou"],
                box_detections_per_img=test_cfg["max_per_img"])
-
-
-def to_torchvision_state(pisa_state: dict, tv_state: dict, num_classes: int) -> dict:
-    """pisa's two-stage state dict in torchvision's names; background column moved from last to first,
-    torchvision's background box rows (and mask channel) zero. Every torchvision tensor must be covered."""
-    fixed = {"backbone.": "backbone.body.", "rpn.head.rpn_conv.": "rpn.head.conv.0.0.",
-             "rpn.head.rpn_cls.": "rpn.head.cls_logits.", "rpn.head.rpn_reg.": "rpn.head.bbox_pred.",
-             "roi_head.bbox_head.shared_fcs.0.": "roi_heads.box_head.fc6.",
-             "roi_head.bbox_head.shared_fcs.1.": "roi_heads.box_head.fc7.",
-             "roi_head.bbox_head.fc_cls.": "roi_heads.box_predictor.cls_score.",
-             "roi_head.bbox_head.fc_reg.": "roi_heads.box_predictor.bbox_pred.",
-             "roi_head.mask_head.upsample.": "roi_heads.mask_predictor.conv5_mask.",
-             "roi_head.mask_head.conv_logits.": "roi_heads.mask_predictor.mask_fcn_logits."}
-    for i in range(4):
-        fixed[f"neck.lateral_convs.{i}."] = f"backbone.fpn.inner_blocks.{i}.0."
-        fixed[f"neck.output_convs.{i}."] = f"backbone.fpn.layer_blocks.{i}.0."
-        fixed[f"roi_head.mask_head.convs.{i}."] = f"roi_heads.mask_head.{i}.0."
-    out = {}
-    for key, value in pisa_state.items():
-        if key.endswith("num_batches_tracked"):  # FrozenBatchNorm2d keeps no counter
-            continue
-        prefix = max((p for p in fixed if key.startswith(p)), key=len)
-        out[fixed[prefix] + key[len(prefix):]] = value
-    c = num_classes
-    cls_w, cls_b = "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias"
-    out[cls_w], out[cls_b] = torch.cat([out[cls_w][c:], out[cls_w][:c]]), torch.cat([out[cls_b][c:], out[cls_b][:c]])
-    for name in ("weight", "bias"):
-        key = f"roi_heads.box_predictor.bbox_pred.{name}"
-        out[key] = torch.cat([torch.zeros_like(out[key][:4]), out[key]])
-        key = f"roi_heads.mask_predictor.mask_fcn_logits.{name}"  # torchvision has a background mask too
-        if key in out:
-            out[key] = torch.cat([torch.zeros_like(out[key][:1]), out[key]])
-    missing = set(tv_state) - set(out)
-    unexpected = set(out) - set(tv_state)
-    if missing or unexpected:
-        raise KeyError(f"weight copy to torchvision: missing {sorted(missing)[:5]}, "
-                       f"unexpected {sorted(unexpected)[:5]}")
-    return out
+    # The reference keeps proposals of any size (min_bbox_size 0); torchvision drops those under 1e-3 px,
+    # which with random weights are most of them, so it would pool far fewer RoIs than pisa.
+    model.rpn.min_size = 0.0
+    return model
 
 
 def paste_fns(num: int, height: int, width: int, device: torch.device) -> dict:
@@ -172,11 +144,11 @@ def main() -> None:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
 
-    models, base_cfg = pisa_models(args.model, args.classes, [], device)
     images, targets = random_batch(args.batch, args.size, args.classes, args.gts, device)
+    models, base_cfg = pisa_models(args.model, args.classes, [], device, images)
     tv = torchvision_model(args.model, args.classes, args.size, base_cfg["model"]["roi_head"]["test"])
     initial = copy.deepcopy(models["base"].state_dict())  # training steps move each model's weights apart
-    tv.load_state_dict(to_torchvision_state(initial, tv.state_dict(), args.classes))
+    tv.load_state_dict(two_stage_state_for_torchvision(initial, tv.state_dict(), args.classes))
     tv = tv.to(device)
     tv_keys = ("boxes", "labels", "masks") if args.model == "mask" else ("boxes", "labels")
     tv_targets = [{k: t[k] for k in tv_keys} for t in targets]
@@ -195,7 +167,7 @@ def main() -> None:
 
     # Inference from the same weights again, so both detect the same (or nearly the same) boxes.
     models["base"].load_state_dict(initial)
-    tv.load_state_dict(to_torchvision_state(initial, tv.state_dict(), args.classes))
+    tv.load_state_dict(two_stage_state_for_torchvision(initial, tv.state_dict(), args.classes))
     for m in (*models.values(), tv):
         m.eval()
     with torch.no_grad():

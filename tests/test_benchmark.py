@@ -69,3 +69,31 @@ def test_quick_smoke_of_the_retinanet_row(tmp_path, capsys):
     assert {r["ratio"] for r in result["ratios"]} == {"pisa / torchvision", "pisa PISA / torchvision",
                                                       "PISA / baseline"}
     assert "ratios (target: at most the given value)" in printed and result["environment"]["cpu_count"]
+
+
+def test_torchvision_faster_rcnn_gets_pisas_weights_and_the_calibrated_rpn():
+    """Strict load of every torchvision tensor; same FPN features, RPN outputs and box-head logits
+    (class order adapted); the rescaled RPN's objectness logits have std 1 on the calibration input."""
+    spec = next(s for s in benchmark.DETECTORS if s.name == "faster_rcnn")
+    baseline, _, cfg = benchmark.pisa_models(spec, torch.device("cpu"))
+    images = torch.randn(1, 3, 64, 64)
+    benchmark.calibrate_rpn(baseline, images)
+    tv, same_weights = benchmark.torchvision_two_stage(False)(cfg, baseline, 64)
+    assert same_weights and tv.rpn.min_size == 0.0 and tv.rpn._post_nms_top_n["training"] == 1000
+    baseline.eval()
+    tv.eval()
+    with torch.no_grad():
+        features = baseline.neck(baseline.backbone(images))
+        tv_features = list(tv.backbone(images).values())
+        objectness, deltas = baseline.rpn.head(features)
+        tv_objectness, tv_deltas = tv.rpn.head(tv_features)
+        assert abs(torch.cat([o.flatten() for o in objectness]).std().item() - 1.0) < 1e-3
+        pooled = torch.randn(3, 256, 7, 7)
+        logits, _ = baseline.roi_head.bbox_head(pooled)
+        tv_logits, _ = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
+    for ours, theirs in zip(features, tv_features):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    for ours, theirs in zip(objectness + deltas, tv_objectness + tv_deltas):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[:, :80], tv_logits[:, 1:])  # background: last in pisa, first in torchvision
+    torch.testing.assert_close(logits[:, 80], tv_logits[:, 0])
