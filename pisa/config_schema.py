@@ -388,13 +388,21 @@ PAA = Section({
     "allow_pisa": _flag(False, "experimental, unpublished: accept a pisa: block (ISR-P on PAA's positives)"),
 }, "PAA (Kim & Lee, ECCV 2020)")
 
-# Sampling-Free for RetinaNet (method doc §8.2): its presence replaces the focal loss.
+# Sampling-Free (method doc §8.2) for RetinaNet, Faster and Mask R-CNN: its presence replaces the focal
+# loss (RetinaNet) or the RPN / RoI samplers (two-stage) with guided loss scaling.
 SAMPLING_FREE = Section({
-    "pi": _num(1e-5, "foreground prior per class: classifier bias -log((1-pi)/pi), test score threshold "
-               "pi * (K + 1); compute it with scripts/sampling_free_bias.py", min=0.0, max=1.0, exclusive=True),
-    "nms_iou": _num(0.55, "test NMS IoU threshold", **_PROB),
-}, "Sampling-Free (RetinaNet only): optimal bias init, guided loss scaling, adaptive test threshold; "
-   "absent or null = off", optional=True)
+    "pi": Key(("null", "float"), None, "foreground prior per class, the bias -log((1-pi)/pi) of RetinaNet's "
+              "classifier (null: 1e-5; test score threshold pi * (K + 1)) or of the RPN's objectness conv "
+              "(null: 2e-4), the authors' COCO values; compute it with scripts/sampling_free_bias.py",
+              min=0.0, max=1.0, exclusive=True),
+    "nms_iou": _num(0.55, "RetinaNet only: test NMS IoU threshold", **_PROB),
+    "rpn_proposals_per_batch": _int(2000, "Faster / Mask R-CNN only: RPN proposals kept per device batch while "
+                                    "training (the authors': 16000 / #GPUs, 2000 on 8 GPUs); each image keeps "
+                                    "this // data.batch_size, in place of model.rpn.train.max_per_img", min=1),
+    "rcnn_score_thr": _num(1e-4, "Faster / Mask R-CNN only: R-CNN test score threshold, in place of "
+                           "model.roi_head.test.score_thr", **_PROB),
+}, "Sampling-Free (RetinaNet, Faster / Mask R-CNN): optimal bias init, guided loss scaling, adaptive test "
+   "threshold; absent or null = off", optional=True)
 
 SCHEMA = Section({
     "model": Variants({"retinanet": RETINANET, "faster_rcnn": FASTER_RCNN, "mask_rcnn": MASK_RCNN, "ssd": SSD,

@@ -1,6 +1,7 @@
 """Region proposal network: a small conv head on P2-P6, its training losses, and the proposals (§7.3).
 
-The RPN is never changed by PISA. It follows the mmdetection v2 RPN:
+The RPN is never changed by PISA (Sampling-Free trains it on every anchor: ``SamplingFreeRPN`` in
+``sampling_free.py`` overrides :meth:`RPN.loss`). It follows the mmdetection v2 RPN:
 
 * head: 3x3 conv + ReLU shared by the levels, then a 1x1 objectness conv (one sigmoid logit per anchor,
   channel ``a``) and a 1x1 delta conv (channel ``a·4 + coord``); weights Normal(0, 0.01), biases 0;

@@ -1,12 +1,19 @@
-"""Two-stage detectors: Faster R-CNN and Mask R-CNN (backbone, FPN P2-P6, RPN, RoI head), with PISA.
+"""Two-stage detectors: Faster R-CNN and Mask R-CNN (backbone, FPN P2-P6, RPN, RoI head), with PISA
+or Sampling-Free.
 
 PISA is configuration: the ``pisa:`` block turns on ISR-N (``isr_n``: the Score-HLR sampler replaces the
 random RoI sampler), ISR-P (``isr_p``) and CARL (``carl``) in the RoI head; the RPN is never changed.
-A PISA model and its baseline have the same state dict.
+The ``sampling_free:`` block (method doc §8.2, :mod:`pisa.models.sampling_free`) instead trains the RPN
+and the RoI head on every anchor / proposal with guided loss scaling, sets the RPN objectness bias from
+``π`` and the R-CNN test threshold to ``sampling_free.rcnn_score_thr``. The two blocks are exclusive.
+A PISA or Sampling-Free model and its baseline have the same state dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from torch import Tensor, nn
 
 from pisa.models.anchors import AnchorGenerator
@@ -19,7 +26,9 @@ from pisa.models.retina_head import CARLSettings, ISRPSettings
 from pisa.models.roi_align import MultiScaleRoIAlign
 from pisa.models.roi_heads import BBoxHead, RCNNTestSettings, RoIHead
 from pisa.models.rpn import RPN, ProposalSettings, RPNHead
-from pisa.models.samplers import RandomSampler, ScoreHLRSampler
+from pisa.models.samplers import PseudoSampler, RandomSampler, ScoreHLRSampler
+from pisa.models.sampling_free import (SamplingFreeRoIHead, SamplingFreeRPN, TwoStageSamplingFree, prior_bias,
+                                       two_stage_sampling_free)
 
 __all__ = ["TwoStageDetector", "build_faster_rcnn", "build_mask_rcnn"]
 
@@ -57,18 +66,29 @@ def _proposal_settings(cfg: dict) -> ProposalSettings:
     return ProposalSettings(nms_pre=cfg["nms_pre"], max_per_img=cfg["max_per_img"], nms_iou=cfg["nms_iou"])
 
 
-def build_rpn(cfg: dict, in_channels: int, pad_divisor: int = 32) -> RPN:
-    """The RPN from ``model.rpn`` (anchors on P2-P6, max-IoU 0.7/0.3, 256 random samples per image)."""
+def build_rpn(cfg: dict, in_channels: int, pad_divisor: int = 32,
+              sampling_free: TwoStageSamplingFree | None = None) -> RPN:
+    """The RPN from ``model.rpn`` (anchors on P2-P6, max-IoU 0.7/0.3, 256 random samples per image).
+
+    With ``sampling_free``: a :class:`SamplingFreeRPN` (every non-ignored anchor, guided scaling), its
+    objectness bias ``−log((1 − π)/π)`` and ``rpn_proposals_per_image`` training proposals per image.
+    """
     a = cfg["anchors"]
     anchor_generator = AnchorGenerator(a["strides"], a["ratios"], scales=a["scales"])
     head = RPNHead(in_channels, cfg["feat_channels"], anchor_generator.num_anchors)
     assigner = MaxIoUAssigner(**cfg["assigner"])
-    sampler = RandomSampler(cfg["sampler"]["num"], cfg["sampler"]["pos_fraction"])
+    rpn_class, sampler = RPN, RandomSampler(cfg["sampler"]["num"], cfg["sampler"]["pos_fraction"])
+    train = _proposal_settings(cfg["train"])
+    if sampling_free is not None:
+        rpn_class, sampler = SamplingFreeRPN, PseudoSampler()
+        train = dataclasses.replace(train, max_per_img=sampling_free.rpn_proposals_per_image)
+        with torch.no_grad():
+            head.rpn_cls.bias.fill_(prior_bias(sampling_free.pi))
     box = cfg["loss_bbox"]
-    return RPN(head, anchor_generator, _coder(cfg["coder"]), assigner, sampler,
-               train_proposals=_proposal_settings(cfg["train"]), test_proposals=_proposal_settings(cfg["test"]),
-               cls_weight=cfg["loss_cls"]["weight"], bbox_loss=box["type"], bbox_beta=box["beta"],
-               bbox_weight=box["weight"], pad_divisor=pad_divisor)
+    return rpn_class(head, anchor_generator, _coder(cfg["coder"]), assigner, sampler,
+                     train_proposals=train, test_proposals=_proposal_settings(cfg["test"]),
+                     cls_weight=cfg["loss_cls"]["weight"], bbox_loss=box["type"], bbox_beta=box["beta"],
+                     bbox_weight=box["weight"], pad_divisor=pad_divisor)
 
 
 def _pisa_parts(pisa_cfg: dict | None) -> tuple[dict | None, ISRPSettings | None, CARLSettings | None]:
@@ -84,10 +104,13 @@ def _pisa_parts(pisa_cfg: dict | None) -> tuple[dict | None, ISRPSettings | None
     return pisa_cfg.get("isr_n"), isr_settings, carl_settings
 
 
-def _roi_sampler(cfg: dict, isr_n: dict | None, num_classes: int, coder: DeltaXYWHCoder,
-                 compat: dict) -> RandomSampler | ScoreHLRSampler:
-    """``model.roi_head.sampler``: random (baseline), or Score-HLR when ``pisa.isr_n`` is given."""
+def _roi_sampler(cfg: dict, isr_n: dict | None, num_classes: int, coder: DeltaXYWHCoder, compat: dict,
+                 sampling_free: bool = False) -> RandomSampler | ScoreHLRSampler | PseudoSampler:
+    """``model.roi_head.sampler``: random (baseline), Score-HLR when ``pisa.isr_n`` is given, every
+    proposal (pseudo) under Sampling-Free."""
     s = cfg["sampler"]
+    if sampling_free:
+        return PseudoSampler()
     if isr_n is None:
         return RandomSampler(s["num"], s["pos_fraction"], s["neg_pos_ub"])
     return ScoreHLRSampler(s["num"], s["pos_fraction"], s["neg_pos_ub"], num_classes=num_classes, coder=coder,
@@ -97,16 +120,23 @@ def _roi_sampler(cfg: dict, isr_n: dict | None, num_classes: int, coder: DeltaXY
 
 
 def build_roi_head(cfg: dict, pisa_cfg: dict | None, num_classes: int, in_channels: int,
-                   strides: list[int], pad_divisor: int = 32) -> RoIHead:
-    """The RoI head from ``model.roi_head`` (+ ``mask`` for Mask R-CNN) and the ``pisa:`` block."""
+                   strides: list[int], pad_divisor: int = 32,
+                   sampling_free: TwoStageSamplingFree | None = None) -> RoIHead:
+    """The RoI head from ``model.roi_head`` (+ ``mask`` for Mask R-CNN) and the ``pisa:`` block.
+
+    With ``sampling_free``: a :class:`SamplingFreeRoIHead` on every proposal (``model.roi_head.sampler``'s
+    ``num`` and ``pos_fraction`` unused, ``add_gt`` kept) and test score threshold ``rcnn_score_thr``.
+    """
     isr_n, isr_settings, carl_settings = _pisa_parts(pisa_cfg)
     coder = _coder(cfg["coder"])
     pool_strides = strides[:4]  # P2..P5
     bbox_pool = MultiScaleRoIAlign(cfg["roi_size"], pool_strides, cfg["sampling_ratio"], cfg["finest_scale"])
     bbox_head = BBoxHead(in_channels, num_classes, cfg["roi_size"], cfg["fc_channels"])
-    sampler = _roi_sampler(cfg, isr_n, num_classes, coder, (pisa_cfg or {}).get("compat") or {})
+    sampler = _roi_sampler(cfg, isr_n, num_classes, coder, (pisa_cfg or {}).get("compat") or {},
+                           sampling_free is not None)
     box, t = cfg["loss_bbox"], cfg["test"]
-    test = RCNNTestSettings(t["score_thr"], t["nms_iou"], t["max_per_img"], t.get("mask_thr", 0.5))
+    score_thr = t["score_thr"] if sampling_free is None else sampling_free.rcnn_score_thr
+    test = RCNNTestSettings(score_thr, t["nms_iou"], t["max_per_img"], t.get("mask_thr", 0.5))
     mask_pool = mask_head = None
     mask_weight = 1.0
     if cfg.get("mask") is not None:
@@ -114,12 +144,13 @@ def build_roi_head(cfg: dict, pisa_cfg: dict | None, num_classes: int, in_channe
         mask_pool = MultiScaleRoIAlign(m["roi_size"], pool_strides, cfg["sampling_ratio"], cfg["finest_scale"])
         mask_head = MaskHead(in_channels, m["conv_channels"], m["num_convs"], num_classes)
         mask_weight = m["loss_weight"]
-    return RoIHead(bbox_pool, bbox_head, coder, MaxIoUAssigner(**cfg["assigner"]), sampler,
-                   num_classes=num_classes, add_gt_as_proposals=cfg["sampler"]["add_gt"],
-                   cls_weight=cfg["loss_cls"]["weight"], bbox_loss=box["type"], bbox_beta=box["beta"],
-                   bbox_weight=box["weight"], isr_p=isr_settings, carl=carl_settings, test=test,
-                   mask_roi_pool=mask_pool, mask_head=mask_head, mask_weight=mask_weight,
-                   pad_divisor=pad_divisor)
+    head_class = RoIHead if sampling_free is None else SamplingFreeRoIHead
+    return head_class(bbox_pool, bbox_head, coder, MaxIoUAssigner(**cfg["assigner"]), sampler,
+                      num_classes=num_classes, add_gt_as_proposals=cfg["sampler"]["add_gt"],
+                      cls_weight=cfg["loss_cls"]["weight"], bbox_loss=box["type"], bbox_beta=box["beta"],
+                      bbox_weight=box["weight"], isr_p=isr_settings, carl=carl_settings, test=test,
+                      mask_roi_pool=mask_pool, mask_head=mask_head, mask_weight=mask_weight,
+                      pad_divisor=pad_divisor)
 
 
 def _build_two_stage(cfg: dict) -> TwoStageDetector:
@@ -127,17 +158,20 @@ def _build_two_stage(cfg: dict) -> TwoStageDetector:
     backbone = build_backbone(m["backbone"], out_levels=(2, 3, 4, 5))
     neck = RCNNFPN(backbone.out_channels, m["neck"]["out_channels"])
     pad_divisor = cfg.get("data", {}).get("pad_divisor", 32)
-    rpn = build_rpn(m["rpn"], neck.out_channels, pad_divisor)
+    sampling_free = two_stage_sampling_free(cfg)  # None without the block; errors on pisa + sampling_free
+    rpn = build_rpn(m["rpn"], neck.out_channels, pad_divisor, sampling_free)
     roi_head = build_roi_head(m["roi_head"], cfg.get("pisa"), m["num_classes"], neck.out_channels,
-                              m["rpn"]["anchors"]["strides"], pad_divisor)
+                              m["rpn"]["anchors"]["strides"], pad_divisor, sampling_free)
     return TwoStageDetector(backbone, neck, rpn, roi_head)
 
 
 def build_faster_rcnn(cfg: dict) -> TwoStageDetector:
-    """Faster R-CNN from ``cfg["model"]`` (see configs/_base_/faster_rcnn_r50_fpn_1x_coco.yaml) and ``cfg["pisa"]``."""
+    """Faster R-CNN from ``cfg["model"]`` (see configs/_base_/faster_rcnn_r50_fpn_1x_coco.yaml), ``cfg["pisa"]``
+    and ``cfg["sampling_free"]``."""
     return _build_two_stage(cfg)
 
 
 def build_mask_rcnn(cfg: dict) -> TwoStageDetector:
-    """Mask R-CNN from ``cfg["model"]`` (see configs/_base_/mask_rcnn_r50_fpn_1x_coco.yaml) and ``cfg["pisa"]``."""
+    """Mask R-CNN from ``cfg["model"]`` (see configs/_base_/mask_rcnn_r50_fpn_1x_coco.yaml), ``cfg["pisa"]``
+    and ``cfg["sampling_free"]``."""
     return _build_two_stage(cfg)
