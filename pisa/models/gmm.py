@@ -14,6 +14,14 @@ responsibilities and the lower bound (mean per-sample log-likelihood); the M-ste
 parameters; the row has converged when the lower bound moved by less than ``tol``. Predictions and
 log-likelihoods come from one more E-step with the final parameters, as scikit-learn's ``predict``
 and ``score_samples`` do.
+
+Cost: the working tensors are component-first, ``(2, G, K)`` (a trailing dimension of 2 makes every
+broadcast several times slower on CPU), and one iteration of all rows is about thirty tensor
+operations, whose fixed cost dominates at PAA's sizes. A converged row keeps its parameters by a
+masked update while the others go on; when at most half of the rows still run, they are gathered
+into smaller tensors (a few times per fit, not at every convergence). Whether rows still run is read
+on the host every ``sync_every`` iterations (a wait for the device on an accelerator); the fit does
+not depend on it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ from torch import Tensor
 __all__ = ["GMMFit", "fit_two_component_gmm", "gmm_positive_cut"]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+# Iterations between two convergence checks on an accelerator, where each check waits for the device
+# (on CPU a check is free and every iteration checks, so that converged rows leave the work at once).
+_ACCELERATOR_SYNC_EVERY = 8
 
 
 @dataclass
@@ -49,45 +61,55 @@ class GMMFit:
     converged: Tensor
 
 
-def _weighted_log_prob(x: Tensor, weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """``(G, K, 2)``: ``log w_c + log N(x | μ_c, σ_c²)`` for every sample and component."""
-    diff = x[:, :, None] - means[:, None, :]
-    log_gauss = -0.5 * (_LOG_2PI + diff * diff / variances[:, None, :]) - 0.5 * variances[:, None, :].log()
-    return log_gauss + weights[:, None, :].log()
+def _log_prob(sq_diff: Tensor, params: Tensor) -> Tensor:
+    """``(2, n, K)``: ``log w_c + log N(x | μ_c, σ_c²) + ½ log 2π`` from the squared distances
+    ``(2, n, K)`` to the means and ``params`` ``(3, 2, n)`` (weights, means, variances)."""
+    log_weight, log_variance = params[0::2].log()
+    bias = torch.sub(log_weight, log_variance, alpha=0.5)  # log w − ½ log σ²
+    return torch.addcdiv(bias[:, :, None], sq_diff, params[2][:, :, None], value=-0.5)
 
 
-def _e_step(x: Tensor, mask: Tensor, count: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Responsibilities ``(G, K, 2)`` (zero at padding) and the lower bound ``(G,)``."""
-    weighted = _weighted_log_prob(x, *params)
-    log_norm = torch.logsumexp(weighted, dim=2)
-    resp = (weighted - log_norm[:, :, None]).exp() * mask[:, :, None]
-    lower_bound = torch.where(mask, log_norm, torch.zeros_like(log_norm)).sum(1) / count
-    return resp, lower_bound
+def _log_norm(log_prob: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mixture's log-density ``(n, K)`` from ``log_prob`` ``(2, n, K)``, with the component
+    densities ``(2, n, K)`` and their sum ``(n, K)``, both scaled by the same per-sample factor
+    (their ratio is the responsibility)."""
+    top = torch.maximum(log_prob[0], log_prob[1])
+    shifted = torch.sub(log_prob, top).exp_()
+    total = shifted[0] + shifted[1]
+    return total.log().add_(top), shifted, total
 
 
-def _m_step(x: Tensor, resp: Tensor, count: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Weights, means and variances ``(G, 2)`` from the responsibilities (scikit-learn's M-step)."""
+def _em_step(x: Tensor, weight: Tensor, inv_count: Tensor, sq_diff: Tensor, params: Tensor,
+             reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One E-step and M-step on ``n`` rows of samples ``x`` ``(n, K)``.
+
+    ``weight`` is 1.0 at samples and 0.0 at padding; ``inv_count`` ``(n,)`` one over the row's sample
+    count. Returns the lower bound less ``½ log 2π`` ``(n,)``, the new params ``(3, 2, n)`` and the
+    new squared distances ``(2, n, K)``.
+    """
+    log_norm, resp, total = _log_norm(_log_prob(sq_diff, params))
+    lower_bound = torch.linalg.vecdot(log_norm, weight).mul_(inv_count)
+    resp.mul_(weight / total)  # the responsibilities, zero at padding
     # scikit-learn adds 10 machine epsilons to every component's mass so an empty one stays finite.
-    nk = resp.sum(1) + 10 * torch.finfo(resp.dtype).eps
-    means = (resp * x[:, :, None]).sum(1) / nk
-    diff = x[:, :, None] - means[:, None, :]
-    variances = (resp * diff * diff).sum(1) / nk + reg_covar
-    return nk / count[:, None], means, variances
+    nk = resp.sum(2).add_(10 * torch.finfo(x.dtype).eps)
+    means = torch.linalg.vecdot(resp, x).div_(nk)
+    sq_diff = torch.sub(x, means[:, :, None]).square_()
+    variances = torch.linalg.vecdot(resp, sq_diff).div_(nk).add_(reg_covar)
+    return lower_bound, torch.stack([nk * inv_count, means, variances]), sq_diff
 
 
-def _initial_params(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Weights (0.5, 0.5), means (row min, row max), variances (1, 1) (precisions 1)."""
+def _initial_params(x: Tensor, mask: Tensor) -> Tensor:
+    """``(3, 2, G)``: weights (0.5, 0.5), means (row min, row max), variances (1, 1) (precisions 1)."""
     inf = torch.full_like(x, math.inf)
-    low = torch.where(mask, x, inf).min(1).values
-    high = torch.where(mask, x, -inf).max(1).values
+    low = torch.where(mask, x, inf).amin(1)
+    high = torch.where(mask, x, -inf).amax(1)
     empty = ~mask.any(1)
-    low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
-    means = torch.stack([low, high], dim=1)
-    return torch.full_like(means, 0.5), means, torch.ones_like(means)
+    means = torch.stack([low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)])
+    return torch.stack([torch.full_like(means, 0.5), means, torch.ones_like(means)])
 
 
 def fit_two_component_gmm(values: Tensor, mask: Tensor, *, tol: float = 1e-3, max_iter: int = 100,
-                          reg_covar: float = 1e-6) -> GMMFit:
+                          reg_covar: float = 1e-6, sync_every: int | None = None) -> GMMFit:
     """Fit a two-component 1-D Gaussian mixture to every row of ``values`` at once.
 
     Args:
@@ -97,37 +119,72 @@ def fit_two_component_gmm(values: Tensor, mask: Tensor, *, tol: float = 1e-3, ma
         mask: bool ``(G, K)``: which entries are samples.
         tol, max_iter, reg_covar: scikit-learn's convergence threshold on the lower bound, iteration
             limit and variance floor.
+        sync_every: iterations between two host reads of whether rows are still running (default: 1
+            on CPU, 8 on an accelerator). Any value gives the same fit.
 
     Returns:
-        :class:`GMMFit`. The loop over iterations stops as soon as every row has converged; there is
-        no loop over rows.
+        :class:`GMMFit`. There is no loop over rows; the loop over iterations ends when every row has
+        converged or after ``max_iter``.
     """
     if values.dim() != 2 or mask.shape != values.shape:
         raise ValueError(f"fit_two_component_gmm: values and mask must both be (G, K), got "
                          f"{tuple(values.shape)} and {tuple(mask.shape)}")
+    if sync_every is None:
+        sync_every = 1 if values.device.type == "cpu" else _ACCELERATOR_SYNC_EVERY
+    if sync_every < 1:
+        raise ValueError(f"fit_two_component_gmm: sync_every must be >= 1, got {sync_every}")
     mask = mask.bool()
     x = torch.where(mask, values, torch.zeros_like(values))  # padding never enters a sum
-    count = mask.sum(1).clamp(min=1).to(x.dtype)
     params = _initial_params(x, mask)
-    active = mask.any(1)
-    converged = torch.zeros_like(active)
     n_iter = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    lower_bound = torch.full_like(count, -math.inf)
-    for _ in range(max_iter):
-        if not bool(active.any()):
-            break
-        resp, new_bound = _e_step(x, mask, count, params)
-        new_params = _m_step(x, resp, count, reg_covar)
-        params = tuple(torch.where(active[:, None], new, old) for new, old in zip(new_params, params))
-        done_now = active & ((new_bound - lower_bound).abs() < tol)
-        lower_bound = torch.where(active, new_bound, lower_bound)
-        n_iter += active.long()
-        converged |= done_now
-        active &= ~done_now
-    weighted = _weighted_log_prob(x, *params)
-    log_likelihood = torch.logsumexp(weighted, dim=2).masked_fill(~mask, -math.inf)
-    component = (weighted[:, :, 1] > weighted[:, :, 0]).long().masked_fill(~mask, -1)
-    return GMMFit(*params, log_likelihood, component, n_iter, converged)
+    converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    _run_em(x, mask, params, n_iter, converged, tol=tol, max_iter=max_iter, reg_covar=reg_covar,
+            sync_every=sync_every)
+    log_prob = _log_prob(torch.sub(x, params[1][:, :, None]).square_(), params)
+    log_likelihood = (_log_norm(log_prob)[0] - 0.5 * _LOG_2PI).masked_fill(~mask, -math.inf)
+    component = (log_prob[1] > log_prob[0]).long().masked_fill(~mask, -1)
+    weights, means, variances = params.transpose(1, 2)
+    return GMMFit(weights, means, variances, log_likelihood, component, n_iter, converged)
+
+
+def _run_em(x: Tensor, mask: Tensor, params: Tensor, n_iter: Tensor, converged: Tensor, *, tol: float,
+            max_iter: int, reg_covar: float, sync_every: int) -> None:
+    """EM on the rows with samples; ``params`` ``(3, 2, G)``, ``n_iter`` and ``converged`` ``(G,)`` are
+    updated in place.
+
+    A converged row keeps its parameters (masked update) while the others go on; its other working
+    values may change, they are never read again. Every ``sync_every`` iterations the host reads how
+    many rows still run: none ends the loop; at most half of the working rows gathers those into
+    smaller tensors, after writing out the results of all (so the tensors shrink a few times, not at
+    every convergence).
+    """
+    index = torch.nonzero(mask.any(1)).squeeze(1)
+    x, weight = x.index_select(0, index), mask.index_select(0, index).to(x.dtype)
+    inv_count, rows = weight.sum(1).reciprocal_(), params.index_select(2, index)
+    sq_diff = torch.sub(x, rows[1][:, :, None]).square_()
+    bound = torch.full_like(inv_count, -math.inf)
+    active = torch.ones_like(inv_count, dtype=torch.bool)
+    steps = torch.zeros_like(index)
+    for iteration in range(1, max_iter + 1):
+        if index.numel() == 0:
+            return
+        new_bound, new_rows, sq_diff = _em_step(x, weight, inv_count, sq_diff, rows, reg_covar)
+        rows = torch.where(active, new_rows, rows)
+        steps += active
+        active = (new_bound - bound).abs_().ge(tol).logical_and_(active)
+        bound = new_bound
+        if iteration % sync_every and iteration < max_iter:
+            continue
+        running = int(active.sum())
+        if 2 * running > index.numel() and iteration < max_iter:
+            continue
+        params.index_copy_(2, index, rows)
+        n_iter.index_copy_(0, index, steps)
+        converged.index_copy_(0, index, ~active)
+        keep = torch.nonzero(active).squeeze(1)
+        index, x, weight, inv_count = index[keep], x[keep], weight[keep], inv_count[keep]
+        rows, sq_diff, bound, steps = rows[:, :, keep], sq_diff[:, keep], bound[keep], steps[keep]
+        active = active[keep]
 
 
 def gmm_positive_cut(fit: GMMFit, mask: Tensor, min_samples: int = 2) -> Tensor:

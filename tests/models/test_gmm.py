@@ -185,3 +185,23 @@ def test_stops_after_max_iter():
     for i, row in enumerate(rows):
         assert fit.means[i].tolist() == pytest.approx(reference_em(row, max_iter=2)[1].tolist(), rel=1e-9)
     assert math.isfinite(fit.log_likelihood[mask].sum().item())
+
+
+def test_sync_every_does_not_change_the_fit():
+    """Host reads every 1, 3, 8 or 200 iterations (and max_iter between them) give the same fit bit for
+    bit: converged rows are frozen by masks, the working rows gathered whenever at most half still run.
+    Rows 0 and 7 are empty; the rows need from 2 to ~30 iterations, so several gatherings happen."""
+    rows = _random_rows(seed=7, count=30)
+    rows[0], rows[7] = [], []
+    values, mask = _pad(rows)
+    fits = [fit_two_component_gmm(values, mask, sync_every=s) for s in (1, 3, 8, 200)]
+    fits += [fit_two_component_gmm(values, mask, sync_every=s, max_iter=5) for s in (1, 4, 6)]
+    for fit in fits[1:4]:
+        for name in ("weights", "means", "variances", "log_likelihood", "component", "n_iter", "converged"):
+            assert torch.equal(getattr(fit, name), getattr(fits[0], name)), name
+    for fit in fits[5:]:
+        assert torch.equal(fit.means, fits[4].means) and torch.equal(fit.n_iter, fits[4].n_iter)
+    assert fits[0].n_iter[[0, 7]].tolist() == [0, 0] and fits[0].n_iter.max() > 10
+    assert fits[4].n_iter.max() == 5 and not bool(fits[4].converged.all())
+    with pytest.raises(ValueError, match="sync_every"):
+        fit_two_component_gmm(values, mask, sync_every=0)
