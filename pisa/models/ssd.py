@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pisa.config_schema import ConfigError
 from pisa.models.anchors import SSDAnchorGenerator, ssd_anchor_sizes
 from pisa.models.assigners import MaxIoUAssigner
 from pisa.models.box_coder import DeltaXYWHCoder
@@ -102,6 +103,9 @@ def build_ssd(cfg: dict) -> SSD:
     """SSD from ``cfg["model"]`` (see configs/ssd/ssd300_coco.yaml) and ``cfg["pisa"]``."""
     from pisa.models import _pisa_settings  # the one reader of the pisa: block (deferred: pisa.models imports us)
 
+    if cfg.get("sampling_free"):
+        raise ConfigError("config key 'sampling_free' is for model.type retinanet, faster_rcnn and mask_rcnn; "
+                          "remove it for SSD (--set sampling_free=null)")
     m = cfg["model"]
     num_classes = m["num_classes"]
     backbone = build_vgg(m["backbone"], m["input_size"])

@@ -248,10 +248,13 @@ def test_config_errors():
         build_model(tiny_cfg("faster", "model.roi_head.loss_bbox.type=l1"))
     with pytest.raises(ConfigError, match="sampling_free.rpn_proposals_per_batch"):
         tiny_cfg("faster", "sampling_free.rpn_proposals_per_batch=0")
-    # An unsupported model type: PAA refuses the block.
+    # Unsupported model types refuse the block: PAA and SSD.
     paa = load_config(str(REPO / "configs/demo/paa_r18_demo.yaml"), ["sampling_free={}"], check_paths=False)
     with pytest.raises(ConfigError, match="sampling_free"):
         build_model(paa)
+    ssd = load_config(str(REPO / "configs/demo/ssd_demo.yaml"), ["sampling_free={}"], check_paths=False)
+    with pytest.raises(ConfigError, match="'sampling_free' is for model.type retinanet, faster_rcnn and mask_rcnn"):
+        build_model(ssd)
 
 
 # ---- the bias script and a training run ---------------------------------------------------------
