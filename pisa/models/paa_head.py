@@ -126,6 +126,9 @@ def aligned_giou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
 class Candidates:
     """Each GT's PAA candidates, sorted by ascending cost: ``(R, K)`` rows, ``K = levels · topk``.
 
+    Equal costs: the lower level first, then the lower initial-positive index (what a stable sort of
+    the per-level picks, concatenated level after level, gives).
+
     costs: float64 (``inf`` at padding); index: int64 position into the initial positives (``−1`` at
     padding); mask: bool, True where a candidate is.
     """
@@ -135,26 +138,43 @@ class Candidates:
     mask: Tensor
 
 
+def _cost_order_key(costs: Tensor) -> Tensor:
+    """int64 ``(P,)`` keys in ``[0, 2³²)`` that order as ``costs`` do, ties kept in index order by a
+    stable sort on them.
+
+    float32 (and narrower, widened exactly): the float's bits. For IEEE-754 numbers of one sign the
+    bit pattern orders as the value; flipping the 31 magnitude bits of the negative ones makes the
+    signed 32-bit integers order as the floats (``+ 0.0`` first turns ``−0.0`` into ``+0.0``, equal
+    costs). float64 does not fit: its keys are the ranks of one stable sort.
+    """
+    if costs.dtype == torch.float64:
+        order = torch.argsort(costs, stable=True)
+        return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=costs.device))
+    bits = (costs.float() + 0.0).view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + 2 ** 31
+
+
 def select_candidates(costs: Tensor, rows: Tensor, levels: Tensor, num_rows: int, num_levels: int,
                       topk: int = 9) -> Candidates:
     """Up to ``topk`` lowest-cost samples per (row, level), gathered into sorted padded rows.
 
     Args:
-        costs: ``(P,)`` cost of each initial positive.
+        costs: floating ``(P,)`` cost of each initial positive.
         rows: int64 ``(P,)`` its GT's row in ``0..num_rows-1`` (GTs of all images numbered together).
         levels: int64 ``(P,)`` its FPN level in ``0..num_levels-1``.
 
-    Two stable sorts (by cost, then by row·levels + level) rank the samples inside each (row, level)
-    group; no loop over GTs or levels. Equal costs keep the lower index first.
+    One stable sort of the 64-bit keys ``(row·levels + level) · 2³² + cost key`` ranks the samples
+    inside each (row, level) group; no loop over GTs or levels. Equal costs keep the lower index first.
     """
     count = costs.shape[0]
-    order = torch.argsort(costs, stable=True)
     group = rows * num_levels + levels
-    order = order[torch.argsort(group[order], stable=True)]
-    sorted_group = group[order]
-    rank = torch.arange(count, device=costs.device) - torch.searchsorted(sorted_group, sorted_group)
-    chosen = order[rank < topk]
-    slot = levels[chosen] * topk + rank[rank < topk]
+    sorted_key, order = torch.sort((group << 32) | _cost_order_key(costs), stable=True)
+    sizes = torch.bincount(group, minlength=num_rows * num_levels)
+    group_start = torch.cumsum(sizes, 0) - sizes  # where each group begins in the sorted order
+    rank = torch.arange(count, device=costs.device) - group_start[sorted_key >> 32]
+    top = rank < topk
+    chosen = order[top]
+    slot = levels[chosen] * topk + rank[top]
     width = num_levels * topk
     values = costs.new_full((num_rows, width), math.inf, dtype=torch.float64)
     index = torch.full((num_rows, width), -1, dtype=torch.int64, device=costs.device)

@@ -89,6 +89,49 @@ def test_select_candidates_by_hand():
     assert not cand.mask[2].any() and bool(torch.isinf(cand.costs[2]).all())
 
 
+def _reference_candidates(costs, rows, levels, num_rows, num_levels, topk):
+    """Per (row, level): the topk smallest (cost, index) pairs in Python; per row, these level after
+    level, sorted stably by cost (equal costs: lower level, then lower index, first)."""
+    out = []
+    for r in range(num_rows):
+        picked = []
+        for level in range(num_levels):
+            group = sorted((float(costs[i]), i) for i in range(len(costs)) if rows[i] == r and levels[i] == level)
+            picked += group[:topk]
+        out.append([i for _, i in sorted(picked, key=lambda pair: pair[0])])
+    return out
+
+
+def test_select_candidates_orders_negative_zero_and_infinite_costs_and_ties_by_index():
+    """Negative costs order below positive ones (-2 < -1 < 0.0 == -0.0 < 1e-30 < 3 < inf); 0.0 (index
+    3) and -0.0 (index 4) are equal costs, so the lower index first, as for the repeated 0.5s (across
+    levels: the lower level first); float16 / float32 / float64 costs give the same candidates."""
+    costs = [3.0, -1.0, 0.5, 0.0, -0.0, 0.5, -2.0, float("inf"), 1e-30, 0.5, 0.5, -1.0]
+    rows = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    levels = [0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+    expected = _reference_candidates(costs, rows, levels, 2, 2, topk=3)
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        cand = select_candidates(torch.tensor(costs, dtype=dtype), torch.tensor(rows), torch.tensor(levels),
+                                 num_rows=2, num_levels=2, topk=3)
+        assert [cand.index[r][cand.mask[r]].tolist() for r in range(2)] == expected, dtype
+    # Row 0, level 0 keeps -1 (1), 0.0 (3), -0.0 (4) and drops 0.5 (2) and 3 (0); level 1 keeps all.
+    assert expected == [[6, 1, 3, 4, 5, 7], [11, 8, 9, 10]]
+
+
+def test_select_candidates_on_random_groups_equals_the_python_reference():
+    gen = torch.Generator().manual_seed(3)
+    count, num_rows, num_levels = 400, 12, 3
+    rows = torch.randint(0, num_rows - 1, (count,), generator=gen)  # the last row has no sample
+    levels = torch.randint(0, num_levels, (count,), generator=gen)
+    costs = (torch.randn(count, generator=gen) * 4).round() / 4  # many equal costs
+    cand = select_candidates(costs, rows, levels, num_rows, num_levels, topk=4)
+    expected = _reference_candidates(costs.tolist(), rows.tolist(), levels.tolist(), num_rows, num_levels, 4)
+    assert [cand.index[r][cand.mask[r]].tolist() for r in range(num_rows)] == expected
+    assert not cand.mask[-1].any() and cand.costs.shape == (num_rows, num_levels * 4)
+    sorted_costs = cand.costs.masked_fill(~cand.mask, math.inf)
+    assert bool((sorted_costs[:, 1:] >= sorted_costs[:, :-1]).all())
+
+
 def _loop_assign(costs, rows, levels, num_rows, num_levels, topk=9):
     """The straightforward version: per GT, per level topk, concatenate, sort, fit one mixture, cut."""
     positive = torch.zeros(costs.shape[0], dtype=torch.bool)
@@ -102,7 +145,7 @@ def _loop_assign(costs, rows, levels, num_rows, num_levels, topk=9):
         if not picked or sum(p.numel() for p in picked) < 2:
             continue
         idx = torch.cat(picked)
-        values, order = costs[idx].double().sort()
+        values, order = costs[idx].double().sort(stable=True)
         fit = fit_two_component_gmm(values[None], torch.ones_like(values[None], dtype=torch.bool))
         positive[idx[order][gmm_positive_cut(fit, torch.ones_like(values[None], dtype=torch.bool))[0]]] = True
     return positive
