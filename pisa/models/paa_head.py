@@ -34,7 +34,7 @@ from pisa.losses import aligned_box_iou, isr_p, sigmoid_focal_loss
 from pisa.models.gmm import fit_two_component_gmm, gmm_positive_cut
 from pisa.models.retina_head import RetinaNetLoss, flatten_levels, level_anchors
 
-__all__ = ["PAAHead", "PAALoss", "PAASettings", "aligned_giou", "select_candidates", "paa_assign"]
+__all__ = ["PAAHead", "PAALoss", "PAASettings", "aligned_giou", "select_candidates", "paa_assign", "summed_focal_loss"]
 
 
 class ConvGNReLU(nn.Module):
@@ -120,6 +120,29 @@ def aligned_giou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     enclose_wh = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0)
     enclose = (enclose_wh[:, 0] * enclose_wh[:, 1]).clamp(min=eps)
     return inter / union - (enclose - union) / enclose
+
+
+def summed_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """``(N,)`` float32: ``sigmoid_focal_loss(logits, labels, alpha, gamma).sum(1)``, without gradient.
+
+    The classification part of PAA's anchor cost in about a third of the time (four passes over the
+    ``(N, C)`` logits instead of a dozen): every column is first summed as a negative,
+    ``(1 − α) p^γ · (−log(1 − p))`` with ``1 − p = σ(−x)`` computed directly (exact for large logits),
+    then the label's column (``labels < C``) is swapped for its positive term ``α (1 − p)^γ · (−log p)``.
+    Agrees with the element-wise loss to float32 rounding (about 1e-7 relative).
+    """
+    x = logits.detach().float()
+    num_classes = x.shape[1]
+    weight_pos, weight_neg = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)
+    one_minus_p = torch.sigmoid(x.neg())
+    log_one_minus_p = torch.log(one_minus_p)
+    negatives = torch.linalg.vecdot(torch.rsub(one_minus_p, 1).pow_(gamma), log_one_minus_p).mul_(-weight_neg)
+    foreground = labels < num_classes
+    x_label = x.gather(1, labels.clamp(max=num_classes - 1)[:, None])[:, 0]
+    p_label = torch.sigmoid(x_label)
+    positive = weight_pos * torch.sigmoid(-x_label).pow(gamma) * F.softplus(-x_label)
+    as_negative = weight_neg * p_label.pow(gamma) * F.softplus(x_label)
+    return negatives + torch.where(foreground, positive - as_negative, 0.0)
 
 
 @dataclass
@@ -246,7 +269,7 @@ class PAALoss(RetinaNetLoss):
     @torch.no_grad()
     def anchor_costs(self, logits: Tensor, labels: Tensor, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
         """``(P,)`` cost of positives: weighted focal summed over classes + weighted GIoU loss."""
-        focal = sigmoid_focal_loss(logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma).sum(1)
+        focal = summed_focal_loss(logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma)
         return self.cls_weight * focal + self.giou_weight * (1 - aligned_giou(boxes, gt_boxes))
 
     def forward(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], iou_preds: list[Tensor],

@@ -13,7 +13,8 @@ from pisa.config import ConfigError, load_config
 from pisa.models import MODELS, build_model
 from pisa.models.gmm import fit_two_component_gmm, gmm_positive_cut
 from pisa.models.paa import PAAFPN, score_voting
-from pisa.models.paa_head import PAAHead, aligned_giou, paa_assign, select_candidates
+from pisa.losses import sigmoid_focal_loss
+from pisa.models.paa_head import PAAHead, aligned_giou, paa_assign, select_candidates, summed_focal_loss
 
 REPO = Path(__file__).resolve().parents[2]
 PAA_CFG = REPO / "configs/paa/paa_r50_fpn_1x_coco.yaml"
@@ -87,6 +88,23 @@ def test_select_candidates_by_hand():
     assert cand.costs[0].tolist() == [1.0, 2.0, 3.0, 4.0] and cand.index[0].tolist() == [1, 2, 3, 4]
     assert cand.index[1].tolist() == [5, -1, -1, -1] and cand.mask[1].tolist() == [True, False, False, False]
     assert not cand.mask[2].any() and bool(torch.isinf(cand.costs[2]).all())
+
+
+def test_summed_focal_loss_equals_the_elementwise_focal_loss_summed():
+    """Logits up to +-40 (where 1 - p underflows if taken as 1 - sigmoid(x)), background rows (label C),
+    the default alpha / gamma, no alpha weighting (alpha < 0) and gamma 1.5."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(300, 7, generator=gen) * 6
+    logits[:10] = torch.linspace(-40, 40, 70).reshape(10, 7)
+    labels = torch.randint(0, 8, (300,), generator=gen)
+    assert (labels == 7).any()
+    for alpha, gamma in ((0.25, 2.0), (-1.0, 2.0), (0.4, 1.5)):
+        expected = sigmoid_focal_loss(logits, labels, alpha=alpha, gamma=gamma).sum(1)
+        got = summed_focal_loss(logits, labels, alpha=alpha, gamma=gamma)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # One class, label 0, logit 0: p = 1/2, alpha 0.25, gamma 2: 0.25 * 0.25 * ln 2 = 0.0433217.
+    assert summed_focal_loss(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)).item() == pytest.approx(0.0433217)
 
 
 def _reference_candidates(costs, rows, levels, num_rows, num_levels, topk):
