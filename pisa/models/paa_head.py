@@ -5,7 +5,7 @@ Dense tensors are flattened image -> level -> row -> column (one anchor per loca
 coordinate channel innermost, as everywhere in pisa (method doc §5.1). Labels: ``0..C-1`` foreground,
 ``C`` background.
 
-Assignment, batched over every GT of the batch (the only loop is over images, for the max-IoU step):
+Assignment (:meth:`PAALoss.assign`), batched over every image and GT of the batch, no loop over either:
 
 1. max-IoU with pos 0.1 / neg 0.1 / min_pos 0 gives the initial positives;
 2. their cost, without gradient: ``cls_weight · Σ_classes focal + giou_weight · (1 − GIoU)`` of the
@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from pisa.losses import aligned_box_iou, isr_p, sigmoid_focal_loss
 from pisa.models.gmm import fit_two_component_gmm, gmm_positive_cut
-from pisa.models.retina_head import RetinaNetLoss, flatten_levels, level_anchors
+from pisa.models.retina_head import DenseTargets, RetinaNetLoss, flatten_levels, level_anchors
 
-__all__ = ["PAAHead", "PAALoss", "PAASettings", "aligned_giou", "select_candidates", "paa_assign", "summed_focal_loss"]
+__all__ = ["PAAHead", "PAALoss", "PAAAssignment", "PAASettings", "aligned_giou", "select_candidates", "paa_assign",
+           "summed_focal_loss"]
 
 
 class ConvGNReLU(nn.Module):
@@ -230,6 +231,23 @@ def paa_assign(costs: Tensor, rows: Tensor, levels: Tensor, num_rows: int, num_l
     return positive
 
 
+@dataclass
+class PAAAssignment:
+    """PAA's targets of a batch over its ``N = B·M`` anchors (:meth:`PAALoss.assign`).
+
+    targets: the max-IoU targets (their positives are the initial positives). labels: int64 ``(N,)``
+    after PAA, ``C`` = background. positives: int64 ``(Q,)`` anchor indices of the PAA positives, in
+    anchor order; gt_boxes ``(Q, 4)`` their GTs; boxes ``(Q, 4)`` their decoded predictions (carrying
+    the deltas' gradient).
+    """
+
+    targets: DenseTargets
+    labels: Tensor
+    positives: Tensor
+    gt_boxes: Tensor
+    boxes: Tensor
+
+
 class PAALoss(RetinaNetLoss):
     """PAA's criterion: focal + GIoU + IoU-branch BCE over the PAA positives. Holds no parameters.
 
@@ -272,14 +290,17 @@ class PAALoss(RetinaNetLoss):
         focal = summed_focal_loss(logits, labels, alpha=self.focal_alpha, gamma=self.focal_gamma)
         return self.cls_weight * focal + self.giou_weight * (1 - aligned_giou(boxes, gt_boxes))
 
-    def forward(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], iou_preds: list[Tensor],
-                targets: list[dict]) -> dict[str, Tensor]:
-        feature_sizes, anchors_per_level = level_anchors(self.anchor_generator, cls_scores)
+    def assign(self, logits: Tensor, deltas: Tensor, anchors_per_level: list[Tensor],
+               feature_sizes: list[tuple[int, int]], targets: list[dict]) -> PAAAssignment:
+        """PAA's assignment of a batch (steps 1–4 of the module doc), every image and GT at once.
+
+        Args:
+            logits: ``(B·M, C)`` float32 class logits; deltas: ``(B·M, 4)`` box deltas (may carry
+                gradient: the positives' decoded boxes keep it), flattened as the head's outputs.
+            anchors_per_level, feature_sizes: the levels' anchors and map sizes (``level_anchors``).
+        """
         t = self.get_targets(anchors_per_level, feature_sizes, targets)
         C = self.num_classes
-        logits = flatten_levels(cls_scores, C).reshape(-1, C).float()
-        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4).float()
-        iou_logits = flatten_levels(iou_preds, 1).reshape(-1).float()
         initial = torch.nonzero(t.labels < C).squeeze(1)
         gt_boxes, rows = self._matched_gt_boxes(targets, t.gt_inds[initial], t.img_inds[initial])
         boxes = self.coder.decode(t.priors[initial], deltas[initial])
@@ -290,7 +311,18 @@ class PAALoss(RetinaNetLoss):
                           len(anchors_per_level), self.paa)
         labels = t.labels.clone()
         labels[initial[~keep]] = C
-        pos, gt_boxes, boxes = initial[keep], gt_boxes[keep], boxes[keep]
+        return PAAAssignment(t, labels, initial[keep], gt_boxes[keep], boxes[keep])
+
+    def forward(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], iou_preds: list[Tensor],
+                targets: list[dict]) -> dict[str, Tensor]:
+        feature_sizes, anchors_per_level = level_anchors(self.anchor_generator, cls_scores)
+        C = self.num_classes
+        logits = flatten_levels(cls_scores, C).reshape(-1, C).float()
+        deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4).float()
+        iou_logits = flatten_levels(iou_preds, 1).reshape(-1).float()
+        assigned = self.assign(logits, deltas, anchors_per_level, feature_sizes, targets)
+        t, labels, pos = assigned.targets, assigned.labels, assigned.positives
+        gt_boxes, boxes = assigned.gt_boxes, assigned.boxes
         label_weights = t.label_weights
         if self.isr_p is not None:
             label_weights = self._isr_p_weights(logits, deltas, labels, label_weights, t)
