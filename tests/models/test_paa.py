@@ -14,7 +14,9 @@ from pisa.models import MODELS, build_model
 from pisa.models.gmm import fit_two_component_gmm, gmm_positive_cut
 from pisa.models.paa import PAAFPN, score_voting
 from pisa.losses import sigmoid_focal_loss
-from pisa.models.paa_head import PAAHead, aligned_giou, paa_assign, select_candidates, summed_focal_loss
+from pisa.models.paa_head import (PAAHead, PAASettings, aligned_giou, paa_assign, select_candidates,
+                                   summed_focal_loss)
+from pisa.models.retina_head import flatten_levels, level_anchors
 
 REPO = Path(__file__).resolve().parents[2]
 PAA_CFG = REPO / "configs/paa/paa_r50_fpn_1x_coco.yaml"
@@ -180,6 +182,50 @@ def test_batched_assignment_equals_the_per_gt_loop():
     per_row = torch.bincount(rows[batched], minlength=num_rows)
     assert per_row[-2:].tolist() == [0, 0] and bool((per_row[:-2] > 0).all())
     assert batched.sum() < count // 3  # the cut keeps the low-cost part only
+
+
+def test_batched_assignment_equals_the_per_gt_loop_in_degenerate_cases():
+    """Two levels, topk 3. GT 0: six equal costs (0.7) over both levels: the mixture's components
+    coincide, every sample ties and only the first in row order (level 0, lowest index: 0) stays.
+    GT 1: one candidate: none. GT 2: two candidates (0.3, 1.5): the lower one. GT 3: no candidate.
+    GT 4: two equal pairs (0.2, 0.2 | 2.0, 2.0): the first 0.2 (index 11) only, as ties resolve to the
+    first. GT 5: random costs over both levels, more than topk per level."""
+    gen = torch.Generator().manual_seed(5)
+    costs = [0.7] * 6 + [0.4, 0.3, 1.5, 2.0, 2.0, 0.2, 0.2] + (torch.rand(20, generator=gen) * 2).tolist()
+    rows = [0] * 6 + [1, 2, 2, 4, 4, 4, 4] + [5] * 20
+    levels = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1] + torch.randint(0, 2, (20,), generator=gen).tolist()
+    costs, rows, levels = torch.tensor(costs), torch.tensor(rows), torch.tensor(levels)
+    settings = PAASettings(topk=3)
+    batched = paa_assign(costs, rows, levels, num_rows=6, num_levels=2, settings=settings)
+    assert torch.equal(batched, _loop_assign(costs, rows, levels, 6, 2, topk=3))
+    assert torch.nonzero(batched[:13]).squeeze(1).tolist() == [0, 7, 11]
+    assert 0 < int(batched[13:].sum()) <= 6  # at most 3 per level are candidates
+
+
+def test_assign_of_a_batch_equals_assign_of_each_image_alone():
+    """PAALoss.assign on three images (the middle one without GTs, the last smaller than the batch)
+    chooses, for every image, the positives that the image alone would get."""
+    criterion = tiny_model("model.anchors.octave_base_scale=2").criterion
+    targets = _batch()[1]
+    targets = [targets[0], _target([], [], (256, 256)), _target([[30, 40, 90, 120], [100, 20, 200, 100]], [2, 0],
+                                                                (200, 256))]
+    sizes = [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+    gen = torch.Generator().manual_seed(6)
+    cls = [torch.randn(3, NUM_CLASSES, h, w, generator=gen) - 2 for h, w in sizes]
+    box = [torch.randn(3, 4, h, w, generator=gen) * 0.3 for h, w in sizes]
+    feature_sizes, anchors_per_level = level_anchors(criterion.anchor_generator, cls)
+    logits = flatten_levels(cls, NUM_CLASSES).reshape(-1, NUM_CLASSES)
+    deltas = flatten_levels(box, 4).reshape(-1, 4)
+    batch = criterion.assign(logits, deltas, anchors_per_level, feature_sizes, targets)
+    per_image = sum(a.shape[0] for a in anchors_per_level)
+    for image, target in enumerate(targets):
+        part = slice(image * per_image, (image + 1) * per_image)
+        alone = criterion.assign(logits[part], deltas[part], anchors_per_level, feature_sizes, [target])
+        in_batch = batch.positives[(batch.positives >= part.start) & (batch.positives < part.stop)] - part.start
+        assert torch.equal(in_batch, alone.positives), image
+        assert torch.equal(batch.labels[part], alone.labels), image
+    counts = [int(((batch.positives >= i * per_image) & (batch.positives < (i + 1) * per_image)).sum()) for i in range(3)]
+    assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0
 
 
 def test_no_objects_golden_loss_and_attached_zero_box_losses():
