@@ -1,4 +1,4 @@
-"""End to end against torchvision: its ``FasterRCNN`` around pisa's own backbone, FPN and (copied) head
+"""End to end against torchvision: its ``FasterRCNN`` (and ``MaskRCNN``) around pisa's own backbone, FPN and (copied) head
 weights detects what pisa's Faster R-CNN detects, once the documented differences are handed over.
 
 What differs between the two, each neutralised explicitly here (and nothing else is):
@@ -124,3 +124,64 @@ def test_detections_match_torchvision_faster_rcnn_with_the_differences_handed_ov
         torch.testing.assert_close(mine["scores"], tvs["scores"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mine["boxes"], tvs["boxes"], rtol=1e-5, atol=1e-4)
     assert not torch.equal(ours[0]["boxes"], ours[1]["boxes"])
+
+
+def test_mask_rcnn_detections_and_mask_logits_match_torchvision_mask_rcnn():
+    """torchvision's ``MaskRCNN`` around the same features, with the box differences handed over as
+    above and pisa's 14x14 pooler: same detections, and on them the same mask logits (its background
+    channel dropped). Pasting into the image differs on purpose (pisa pastes with ``grid_sample`` as the
+    reference, torchvision with its own resize), so pasted masks are not compared."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    height, width = 64, 96
+    model = tiny_model("mask", pisa=False, seed=5)
+    torch.manual_seed(6)
+    images = torch.randn(2, 3, height, width)
+    roi = model.roi_head
+    with torch.no_grad():
+        calibrate_rpn(model, images)
+        roi.bbox_head.fc_cls.weight.normal_(std=0.5)
+        roi.bbox_head.fc_cls.bias.copy_(torch.tensor([1.0, 0.5, 0.0, -1.0]))  # background last
+        for p in roi.mask_head.parameters():
+            p.normal_(std=0.1)
+    model.eval()
+    box_twin = _torchvision_twin(model, height, width)
+    mask = roi.mask_head
+    channels = mask.convs[0].in_channels
+    widths = [c.out_channels for c in mask.convs]
+    tv = MaskRCNN(box_twin.backbone, None, min_size=height, max_size=width, image_mean=[0.0] * 3,
+                  image_std=[1.0] * 3, box_head=box_twin.roi_heads.box_head,
+                  box_predictor=box_twin.roi_heads.box_predictor, mask_head=MaskRCNNHeads(channels, widths, 1),
+                  mask_predictor=MaskRCNNPredictor(widths[-1], mask.upsample.out_channels, NUM_CLASSES + 1))
+    tv.rpn = box_twin.rpn  # pisa's anchors, no size filter, the copied RPN head
+    heads = tv.roi_heads
+    heads.box_roi_pool, heads.mask_roi_pool = box_twin.roi_heads.box_roi_pool, _PisaPool(roi.mask_roi_pool)
+    heads.score_thresh, heads.nms_thresh = box_twin.roi_heads.score_thresh, box_twin.roi_heads.nms_thresh
+    heads.detections_per_img = box_twin.roi_heads.detections_per_img
+    with torch.no_grad():
+        for i, conv in enumerate(mask.convs):
+            tv.roi_heads.mask_head[i][0].load_state_dict(conv.state_dict())
+        tv.roi_heads.mask_predictor.conv5_mask.load_state_dict(mask.upsample.state_dict())
+        logits = tv.roi_heads.mask_predictor.mask_fcn_logits
+        logits.weight.zero_(), logits.bias.zero_()
+        logits.weight[1:].copy_(mask.conv_logits.weight)
+        logits.bias[1:].copy_(mask.conv_logits.bias)
+    tv.eval()
+    metas = [{"img_shape": (height, width), "ori_shape": (height, width), "scale_factor": (1.0, 1.0)}] * 2
+    with torch.no_grad():
+        ours = model(images, metas)
+        theirs = tv(list(images))
+        features = model.neck(model.backbone(images))
+        tv_features = tv.backbone(images)
+        for i, (mine, tvs) in enumerate(zip(ours, theirs)):
+            assert 20 <= mine["boxes"].shape[0] <= 100
+            assert torch.equal(mine["labels"], tvs["labels"] - 1)
+            torch.testing.assert_close(mine["scores"], tvs["scores"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine["boxes"], tvs["boxes"], rtol=1e-5, atol=1e-4)
+            assert mine["masks"].shape == (mine["boxes"].shape[0], height, width)
+            rois = boxes_to_rois([torch.zeros(0, 4)] * i + [mine["boxes"]])
+            ours_logits = roi.mask_forward(features, rois)
+            tv_logits = tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(
+                tv.roi_heads.mask_roi_pool(tv_features, [torch.zeros(0, 4)] * i + [tvs["boxes"]], None)))
+            torch.testing.assert_close(ours_logits, tv_logits[:, 1:], rtol=1e-4, atol=1e-5)
