@@ -164,8 +164,8 @@ def _pisa_for_paa(cfg: dict):
 def build_paa(cfg: dict) -> PAA:
     """PAA from ``cfg["model"]`` (``type: paa``; see configs/paa/paa_r50_fpn_1x_coco.yaml)."""
     if cfg.get("sampling_free"):
-        raise ConfigError("config key 'sampling_free' is for model.type retinanet only; remove it for PAA "
-                          "(--set sampling_free=null)")
+        raise ConfigError("config key 'sampling_free' is for model.type retinanet, faster_rcnn and mask_rcnn; "
+                          "remove it for PAA (--set sampling_free=null)")
     m = cfg["model"]
     backbone = build_backbone(m["backbone"], out_levels=(3, 4, 5))
     neck = PAAFPN(backbone.out_channels, m["neck"]["out_channels"])
