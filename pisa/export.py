@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--fp16", action="store_true", help="float16 network (post-processing stays float32)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of a static graph (default 1)")
-    parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width (SSD: batch only)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="input height and width (default: the test scale, landscape, padded)")
     add_config_args(parser)
@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_size(cfg: dict) -> tuple[int, int]:
-    """``(H, W)`` of a landscape image at the first test scale, padded to ``data.pad_divisor``."""
+    """``(H, W)`` of a landscape image at the first test scale, padded to ``data.pad_divisor``; for the
+    SSD pipeline the square ``data.ssd_transforms.size``."""
+    if cfg["data"].get("pipeline", "standard") == "ssd":
+        side = cfg["data"]["ssd_transforms"]["size"]
+        return side, side
     long_side, short_side = max(cfg["data"]["test_transforms"]["scales"][0]), min(cfg["data"]["test_transforms"]["scales"][0])
     divisor = cfg["data"]["pad_divisor"]
     return -(-short_side // divisor) * divisor, -(-long_side // divisor) * divisor
@@ -75,12 +79,17 @@ def check_sizes(args: argparse.Namespace, size: tuple[int, int], divisor: int) -
                           f"data.pad_divisor ({divisor}), as the data pipeline pads them")
 
 
+EXPORTABLE_TYPES = ("retinanet", "ssd")
+
+
 def check_exportable(model_cfg: dict) -> None:
-    """What ``pisa.export_model.ExportableRetinaNet`` implements: RetinaNet with the v2 top-k rule."""
-    if model_cfg["type"] != "retinanet":
-        raise ExportError(f"model.type {model_cfg['type']!r}: ONNX export supports 'retinanet' so far")
+    """What ``pisa.export_model`` implements: the model types of ``EXPORTABLE_TYPES``, RetinaNet with
+    the v2 top-k rule."""
+    if model_cfg["type"] not in EXPORTABLE_TYPES:
+        raise ExportError(f"model.type {model_cfg['type']!r}: ONNX export supports "
+                          f"{', '.join(repr(t) for t in EXPORTABLE_TYPES)} so far")
     rule = model_cfg.get("test", {}).get("topk_rule", "v2")
-    if rule != "v2":
+    if model_cfg["type"] == "retinanet" and rule != "v2":
         raise ExportError(f"model.test.topk_rule {rule!r}: the export implements the 'v2' rule so far; "
                           "add --set model.test.topk_rule=v2")
 
@@ -110,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     except (ExportError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    shape = "dynamic batch x 3 x H x W" if args.dynamic else f"{args.batch} x 3 x {size[0]} x {size[1]}"
+    spatial = "H x W" if cfg["model"]["type"] != "ssd" else f"{size[0]} x {size[1]}"
+    shape = f"dynamic batch x 3 x {spatial}" if args.dynamic else f"{args.batch} x 3 x {size[0]} x {size[1]}"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; input {shape}; "
           f"{'float16' if args.fp16 else 'float32'} network, float32 post-processing)")
     return out

@@ -1,15 +1,21 @@
-"""RetinaNet as one exportable graph: network plus post-processing with fixed-size, padded outputs.
+"""Detectors as exportable graphs: network plus post-processing with fixed-size, padded outputs.
 
-:class:`ExportableRetinaNet` runs a built :class:`pisa.models.retinanet.RetinaNet`'s backbone, neck and
-head, then the reference's test-time post-processing (method spec §7.3) written with operators that
-``torch.onnx.export`` translates and ONNX Runtime runs:
+Each wrapper runs a built pisa detector's own modules (backbone, neck, heads, box coder) and then its
+test-time post-processing, written with operators that ``torch.onnx.export`` translates and ONNX
+Runtime runs:
 
-1. per level: sigmoid, the top ``nms_pre`` anchors by max-class score, delta decoding;
-2. clipping to each image's ``img_shape`` and rescaling by ``1 / scale_factor``;
-3. per-class NMS on ``score > score_thr`` (boxes of zero width or height dropped) for the whole batch in ONE ``torchvision.ops.nms`` call: every
-   (image, class) pair is moved to its own region of the plane (class along x, image along y), so no
-   two groups overlap and a single NMS equals one NMS per image and class;
-4. the best ``max_per_img`` per image, scattered into padded ``(B, max_per_img)`` slots.
+* :class:`ExportableRetinaNet`: per level sigmoid, the top ``nms_pre`` anchors by max-class score,
+  delta decoding; clipping to ``img_shape``, rescaling by ``1 / scale_factor``, boxes not larger than
+  ``min_bbox_size`` dropped, per-class NMS on ``score > score_thr`` (method spec §7.3);
+* :class:`ExportableSSD`: softmax over ``C + 1`` columns with the background dropped, optionally the
+  top ``nms_pre`` anchors per level, decoding, clipping, rescaling, per-class NMS (no size filter, as
+  the model's ``SSDPostProcessor``).
+
+Every wrapper ends the same way (:func:`batched_multiclass_nms`, :func:`first_per_image`): per-class
+NMS for the whole batch in ONE ``torchvision.ops.nms`` call, every (image, class) pair moved to its
+own region of the plane (class along x, image along y), so no two groups overlap and a single NMS
+equals one NMS per image and class; then the best ``max_per_img`` of each image, scattered into
+padded ``(B, max_per_img)`` slots.
 
 Anchors are computed inside the graph from the feature-map shapes, so a graph exported with dynamic
 height and width stays correct for every input size. Scores, decoding and NMS run in float32 even
@@ -23,6 +29,7 @@ import copy
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,14 +38,150 @@ from torch import Tensor, nn
 
 from pisa.models.retina_head import flatten_levels
 
-__all__ = ["ExportableRetinaNet", "EXPORT_INPUTS", "EXPORT_OUTPUTS", "OPSET", "export_onnx", "example_inputs",
-           "unpad_detections"]
+__all__ = ["ExportableRetinaNet", "ExportableSSD", "EXPORT_INPUTS", "EXPORT_OUTPUTS", "OPSET", "Detections",
+           "build_exportable", "export_onnx", "example_inputs", "unpad_detections"]
 
 EXPORT_INPUTS = ("images", "img_shapes", "scale_factors")
 EXPORT_OUTPUTS = ("boxes", "scores", "labels", "num_dets")
 # Opset 18: the first with every operator the exporter emits here in its current form (ReduceMax
 # with axes as an input); ONNX Runtime runs it on CPU and CUDA.
 OPSET = 18
+
+
+# ---- post-processing pieces shared by the wrappers -------------------------------------------------
+
+
+@dataclass
+class Detections:
+    """Flat detections of a batch: float32 ``boxes (D, 4)``, ``scores (D,)``, int64 ``labels (D,)``
+    in ``0..C−1`` and int64 ``images (D,)``, the batch index of each."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    images: Tensor
+
+    def select(self, index: Tensor) -> "Detections":
+        return Detections(self.boxes[index], self.scores[index], self.labels[index], self.images[index])
+
+
+def grid_anchors(base: Tensor, stride: float, center_offset: float, feature: Tensor) -> Tensor:
+    """float32 ``(H·W·A, 4)`` anchors for ``feature``'s ``(H, W)`` (possibly symbolic) from the ``(A, 4)``
+    ``base`` anchors, in the anchor generator's ``(h·W + w)·A + a`` order and with its arithmetic
+    (``x·stride + center_offset·stride``), so the values are the generator's bit for bit."""
+    height, width = feature.shape[-2:]
+    offset = center_offset * stride
+    shift_x = torch.arange(width, device=feature.device, dtype=torch.float32) * stride + offset
+    shift_y = torch.arange(height, device=feature.device, dtype=torch.float32) * stride + offset
+    yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+    xx, yy = xx.reshape(-1), yy.reshape(-1)
+    shifts = torch.stack([xx, yy, xx, yy], dim=-1)
+    return (base[None] + shifts[:, None]).reshape(-1, 4)
+
+
+def top_candidates(scores: Tensor, deltas: Tensor, anchors: Tensor, nms_pre: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's ``nms_pre`` anchors with the highest max-class score (all when ``nms_pre ≤ 0``).
+
+    ``scores (B, N, C)``, ``deltas (B, N, 4)``, ``anchors (N, 4)`` → ``(B, k, C)``, ``(B, k, 4)`` and
+    ``(B, k, 4)`` with ``k = min(nms_pre, N)``. When every anchor is kept the set is the model's; only
+    the order differs, which nothing downstream depends on.
+    """
+    k = min(nms_pre, scores.shape[1]) if nms_pre > 0 else scores.shape[1]
+    top = scores.max(dim=2).values.topk(k, dim=1).indices  # (B, k)
+    gather = lambda values: values.gather(1, top[..., None].expand(-1, -1, values.shape[-1]))  # noqa: E731
+    return gather(scores), gather(deltas), anchors[top]
+
+
+def clip_to_images(boxes: Tensor, img_shapes: Tensor) -> Tensor:
+    """``(N, K, 4)`` boxes of ``N`` rows clipped to ``[0, w] × [0, h]`` of each row's image
+    (``img_shapes (N, 2)`` as ``(h, w)``), as ``decode(max_shape=...)`` clips them."""
+    return torch.minimum(boxes.clamp(min=0), img_shapes[:, [1, 0, 1, 0]][:, None, :])
+
+
+def clip_and_rescale(boxes: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> Tensor:
+    """:func:`clip_to_images`, then division by each row's ``(sx, sy)`` (``scale_factors (N, 2)``):
+    original-image pixels, as the models rescale."""
+    return clip_to_images(boxes, img_shapes) / scale_factors[:, [0, 1, 0, 1]][:, None, :]
+
+
+def dense_candidates(boxes: Tensor, scores: Tensor, score_thr: float, min_size: float | None) -> Detections:
+    """``(B, K, 4)`` class-agnostic boxes and ``(B, K, C)`` scores → every (box, class) pair with
+    ``score > score_thr``, box-major and class-minor as the model flattens them. With ``min_size ≥ 0``
+    only boxes wider and taller than it are candidates (RetinaNet's ``min_bbox_size``; 0 drops the
+    zero-size boxes clipping makes); ``None`` or negative keeps every box (SSD)."""
+    batch, num_boxes, num_classes = scores.shape
+    above = scores > score_thr
+    if min_size is not None and min_size >= 0:
+        sized = (boxes[..., 2] - boxes[..., 0] > min_size) & (boxes[..., 3] - boxes[..., 1] > min_size)
+        above = above & sized[..., None]
+    candidates = torch.nonzero(above.reshape(-1)).reshape(-1)
+    box_index = torch.div(candidates, num_classes, rounding_mode="floor")  # into (B·K)
+    return Detections(boxes.reshape(-1, 4)[box_index], scores.reshape(-1)[candidates],
+                      candidates - box_index * num_classes, torch.div(box_index, num_boxes, rounding_mode="floor"))
+
+
+def batched_multiclass_nms(candidates: Detections, iou_thr: float, span: Tensor) -> Detections:
+    """NMS within every (image, class) group in one call; the survivors by decreasing score.
+
+    ``span`` (a scalar larger than every coordinate, which are all ``≥ 0``) shifts each group to its
+    own region: class ``c`` of image ``b`` by ``(c·span, b·span)``, so boxes of different groups
+    never overlap.
+    """
+    return candidates.select(nms_by_group(candidates.boxes, candidates.scores, candidates.labels,
+                                          candidates.images, iou_thr, span))
+
+
+def nms_by_group(boxes: Tensor, scores: Tensor, group_x: Tensor, group_y: Tensor, iou_thr: float,
+                 span: Tensor) -> Tensor:
+    """Indices kept by NMS within the groups ``(group_x, group_y)`` (int64 ``(N,)`` each), by
+    decreasing score. Boxes ``(N, 4)`` have coordinates in ``[0, span)``."""
+    offsets = torch.stack([group_x, group_y, group_x, group_y], dim=1).to(boxes.dtype) * span
+    keep = torchvision.ops.nms(boxes + offsets, scores, iou_thr)
+    return keep[scores[keep].argsort(descending=True)]  # by decreasing score, whatever the backend
+
+
+def rank_in_image(images: Tensor, batch: int) -> Tensor:
+    """int64 ``(D,)``: each row's position among the rows of its image (``images (D,)``), in row order."""
+    member = (images[:, None] == torch.arange(batch, device=images.device)[None, :]).to(torch.int64)  # (D, B)
+    return (member.cumsum(0) * member).sum(1) - 1
+
+
+def first_per_image(detections: Detections, batch: int, max_per_img: int) -> tuple[Detections, Tensor, Tensor]:
+    """Detections by decreasing score → the first ``max_per_img`` of each image, their slot
+    ``image · max_per_img + rank`` (int64 ``(D',)``) and the int64 ``(B,)`` count per image."""
+    rank = rank_in_image(detections.images, batch)
+    kept = torch.nonzero(rank < max_per_img).reshape(-1)
+    slots = detections.images[kept] * max_per_img + rank[kept]
+    num_dets = (detections.images[kept][:, None] == torch.arange(batch, device=kept.device)[None, :]).sum(0)
+    return detections.select(kept), slots, num_dets
+
+
+def to_slots(values: Tensor, slots: Tensor, batch: int, max_per_img: int, fill: float) -> Tensor:
+    """Rows ``values (D, ...)`` at their unique ``slots`` of a ``(B, max_per_img, ...)`` tensor filled with ``fill``."""
+    rest = values.shape[1:]
+    out = torch.full((batch * max_per_img, *rest), fill, dtype=values.dtype, device=values.device)
+    return out.index_put((slots,), values).reshape(batch, max_per_img, *rest)
+
+
+def padded_outputs(detections: Detections, batch: int, max_per_img: int) -> tuple[tuple[Tensor, ...], Detections, Tensor]:
+    """Detections by decreasing score → ``(boxes, scores, labels, num_dets)`` padded per image, plus
+    the kept flat detections and their slots (for outputs computed from them, e.g. masks)."""
+    kept, slots, num_dets = first_per_image(detections, batch, max_per_img)
+    outputs = (to_slots(kept.boxes, slots, batch, max_per_img, 0.0), to_slots(kept.scores, slots, batch, max_per_img, 0.0),
+               to_slots(kept.labels.to(torch.int64), slots, batch, max_per_img, -1), num_dets)
+    return outputs, kept, slots
+
+
+def _network(modules: list[nn.Module], network_dtype: torch.dtype) -> list[nn.Module]:
+    """The modules as they run in the graph: float32 as given, float16 as a converted copy."""
+    if network_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"network_dtype must be torch.float32 or torch.float16, got {network_dtype}")
+    if network_dtype == torch.float32:
+        return modules
+    return list(copy.deepcopy(nn.ModuleList(modules)).to(network_dtype))
+
+
+# ---- dense detectors -------------------------------------------------------------------------------
 
 
 class ExportableRetinaNet(nn.Module):
@@ -62,14 +205,11 @@ class ExportableRetinaNet(nn.Module):
     scores and label ``-1``.
     """
 
+    output_names = EXPORT_OUTPUTS
+
     def __init__(self, model: nn.Module, network_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if network_dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"network_dtype must be torch.float32 or torch.float16, got {network_dtype}")
-        network = nn.ModuleList([model.backbone, model.neck, model.head])
-        if network_dtype != torch.float32:
-            network = copy.deepcopy(network).to(network_dtype)
-        self.backbone, self.neck, self.head = network
+        self.backbone, self.neck, self.head = _network([model.backbone, model.neck, model.head], network_dtype)
         self.network_dtype = network_dtype
         post = model.postprocessor
         rule = getattr(post, "topk_rule", "v2")
@@ -80,6 +220,7 @@ class ExportableRetinaNet(nn.Module):
         self.coder, self.num_classes = post.coder, model.head.num_classes
         self.nms_pre, self.score_thr, self.nms_iou, self.max_per_img = (post.nms_pre, post.score_thr,
                                                                          post.nms_iou, post.max_per_img)
+        self.min_bbox_size = getattr(post, "min_bbox_size", 0.0)
         self.strides = [float(s) for s in generator.strides]
         self.center_offset = generator.center_offset
         for level, base in enumerate(generator.base_anchors()):
@@ -97,75 +238,76 @@ class ExportableRetinaNet(nn.Module):
         level_boxes, level_scores = [], []
         for level, (logits, deltas) in enumerate(zip(cls_scores, bbox_preds)):
             anchors = self.level_anchors(level, logits)
-            scores, deltas, anchors = self._top_candidates(flatten_levels([logits], self.num_classes).sigmoid(),
-                                                           flatten_levels([deltas], 4), anchors)
+            scores, deltas, anchors = top_candidates(flatten_levels([logits], self.num_classes).sigmoid(),
+                                                     flatten_levels([deltas], 4), anchors, self.nms_pre)
             level_boxes.append(self.coder.decode(anchors, deltas))
             level_scores.append(scores)
-        boxes, scores = torch.cat(level_boxes, dim=1), torch.cat(level_scores, dim=1)
-        # Clip to (w, h, w, h) of each image, then return to original-image coordinates (as the model does).
-        bounds = img_shapes[:, [1, 0, 1, 0]][:, None, :]
-        boxes = torch.minimum(boxes.clamp(min=0), bounds)
-        boxes = boxes / scale_factors[:, [0, 1, 0, 1]][:, None, :]
-        return self._batched_multiclass_nms(boxes, scores)
+        boxes = clip_and_rescale(torch.cat(level_boxes, dim=1), img_shapes, scale_factors)
+        candidates = dense_candidates(boxes, torch.cat(level_scores, dim=1), self.score_thr, self.min_bbox_size)
+        kept = batched_multiclass_nms(candidates, self.nms_iou, boxes.max() + 1)
+        return padded_outputs(kept, boxes.shape[0], self.max_per_img)[0]
 
     def level_anchors(self, level: int, feature: Tensor) -> Tensor:
-        """float32 ``(H·W·A, 4)`` anchors of ``level`` for ``feature``'s ``(H, W)``, in the anchor
-        generator's ``(h·W + w)·A + a`` order, built from the (possibly symbolic) shape."""
-        base = getattr(self, f"base_anchors_{level}")
-        stride = self.strides[level]
-        height, width = feature.shape[-2:]
-        shift_x = (torch.arange(width, device=feature.device, dtype=torch.float32) + self.center_offset) * stride
-        shift_y = (torch.arange(height, device=feature.device, dtype=torch.float32) + self.center_offset) * stride
-        yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
-        xx, yy = xx.reshape(-1), yy.reshape(-1)
-        shifts = torch.stack([xx, yy, xx, yy], dim=-1)
-        return (base[None] + shifts[:, None]).reshape(-1, 4)
+        """float32 ``(H·W·A, 4)`` anchors of ``level`` for ``feature``'s ``(H, W)`` (see :func:`grid_anchors`)."""
+        return grid_anchors(getattr(self, f"base_anchors_{level}"), self.strides[level], self.center_offset, feature)
 
-    def _top_candidates(self, scores: Tensor, deltas: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Each image's ``nms_pre`` anchors with the highest max-class score: ``(B, k, C)``, ``(B, k, 4)``
-        and ``(B, k, 4)`` anchors with ``k = min(nms_pre, N)``. When every anchor is kept the set is
-        the reference's; only the order differs, which nothing downstream depends on."""
-        k = min(self.nms_pre, scores.shape[1]) if self.nms_pre > 0 else scores.shape[1]
-        top = scores.max(dim=2).values.topk(k, dim=1).indices  # (B, k)
-        gather = lambda values: values.gather(1, top[..., None].expand(-1, -1, values.shape[-1]))  # noqa: E731
-        return gather(scores), gather(deltas), anchors[top]
 
-    def _batched_multiclass_nms(self, boxes: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
-        """``(B, K, 4)`` boxes and ``(B, K, C)`` scores → padded ``(boxes, scores, labels, num_dets)``."""
-        batch, num_boxes, num_classes = scores.shape
-        # Boxes of zero width or height never become detections (the reference's min_bbox_size = 0).
-        sized = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-        flat_scores = scores.reshape(-1)
-        above = (scores > self.score_thr) & sized[..., None]
-        candidates = torch.nonzero(above.reshape(-1)).reshape(-1)  # box-major, class-minor
-        box_index = torch.div(candidates, num_classes, rounding_mode="floor")  # into (B·K)
-        image = torch.div(box_index, num_boxes, rounding_mode="floor")
-        label = candidates - box_index * num_classes
-        cand_boxes, cand_scores = boxes.reshape(-1, 4)[box_index], flat_scores[candidates]
-        # One region per (image, class): shift by multiples of a span larger than every coordinate.
-        span = boxes.max() + 1
-        offsets = torch.stack([label, image, label, image], dim=1).to(cand_boxes.dtype) * span
-        keep = torchvision.ops.nms(cand_boxes + offsets, cand_scores, self.nms_iou)
-        keep = keep[cand_scores[keep].argsort(descending=True)]  # by decreasing score, whatever the backend
-        return self._scatter_per_image(cand_boxes[keep], cand_scores[keep], label[keep], image[keep], batch)
+class ExportableSSD(nn.Module):
+    """An SSD whose ``forward`` is the whole test-time computation (the model's ``SSDPostProcessor``).
 
-    def _scatter_per_image(self, boxes: Tensor, scores: Tensor, labels: Tensor, images: Tensor,
-                           batch: int) -> tuple[Tensor, ...]:
-        """Detections sorted by decreasing score, each with its image → the first ``max_per_img`` of
-        every image in ``(B, M)`` slots. Overflow goes to one spare slot per detection (unique scatter
-        indices), which is cut off."""
-        m = self.max_per_img
-        member = (images[:, None] == torch.arange(batch, device=images.device)[None, :]).to(torch.int64)  # (D, B)
-        rank = (member.cumsum(0) * member).sum(1) - 1  # position among its image's detections
-        num_dets = member.sum(0).clamp(max=m)
-        spare = batch * m + torch.arange(images.shape[0], device=images.device)
-        slot = torch.where(rank < m, images * m + rank, spare)
-        size = batch * m + images.shape[0]
-        out_boxes = boxes.new_zeros(size, 4).index_put((slot,), boxes)[:batch * m].reshape(batch, m, 4)
-        out_scores = scores.new_zeros(size).index_put((slot,), scores)[:batch * m].reshape(batch, m)
-        out_labels = torch.full((size,), -1, dtype=torch.int64, device=labels.device).index_put(
-            (slot,), labels.to(torch.int64))[:batch * m].reshape(batch, m)
-        return out_boxes, out_scores, out_labels, num_dets
+    Args and the ``forward`` contract as :class:`ExportableRetinaNet` (the network is the VGG trunk
+    with its extra layers and the SSD head). Post-processing: softmax over the ``C + 1`` columns with
+    the background (last) dropped; per level the top ``nms_pre`` anchors by max foreground score when
+    ``nms_pre > 0``; decoding clipped to ``img_shapes``; division by ``scale_factors``; per-class NMS
+    on ``score > score_thr``; the best ``max_per_img`` per image. No box is dropped for its size.
+    """
+
+    output_names = EXPORT_OUTPUTS
+
+    def __init__(self, model: nn.Module, network_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.backbone, self.head = _network([model.backbone, model.head], network_dtype)
+        self.network_dtype = network_dtype
+        post = model.postprocessor
+        generator = post.anchor_generator
+        self.coder, self.num_classes = post.coder, model.head.num_classes
+        self.nms_pre, self.score_thr, self.nms_iou, self.max_per_img = (post.nms_pre, post.score_thr,
+                                                                         post.nms_iou, post.max_per_img)
+        self.strides = [float(s) for s in generator.strides]
+        self.center_offset = generator.center_offset
+        for level, base in enumerate(generator.base_anchors()):
+            self.register_buffer(f"base_anchors_{level}", base, persistent=False)
+
+    def forward(self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, ...]:
+        cls_scores, bbox_preds = self.head(self.backbone(images.to(self.network_dtype)))
+        level_boxes, level_scores = [], []
+        for level, (logits, deltas) in enumerate(zip(cls_scores, bbox_preds)):
+            anchors = grid_anchors(getattr(self, f"base_anchors_{level}"), self.strides[level], self.center_offset,
+                                   logits)
+            # Softmax over all C + 1 columns, then drop the background (last) column.
+            probs = flatten_levels([logits.float()], self.num_classes + 1).softmax(-1)[..., :-1]
+            probs, deltas, anchors = top_candidates(probs, flatten_levels([deltas.float()], 4), anchors, self.nms_pre)
+            level_boxes.append(self.coder.decode(anchors, deltas))
+            level_scores.append(probs)
+        boxes = clip_and_rescale(torch.cat(level_boxes, dim=1), img_shapes.float(), scale_factors.float())
+        candidates = dense_candidates(boxes, torch.cat(level_scores, dim=1), self.score_thr, None)
+        kept = batched_multiclass_nms(candidates, self.nms_iou, boxes.max() + 1)
+        return padded_outputs(kept, boxes.shape[0], self.max_per_img)[0]
+
+
+# ---- building and writing the graph ----------------------------------------------------------------
+
+
+def build_exportable(model: nn.Module, network_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The export wrapper of a built pisa detector (RetinaNet, SSD); a ``ValueError`` for other types."""
+    from pisa.models.retinanet import RetinaNet
+    from pisa.models.ssd import SSD
+
+    if isinstance(model, RetinaNet):
+        return ExportableRetinaNet(model, network_dtype)
+    if isinstance(model, SSD):
+        return ExportableSSD(model, network_dtype)
+    raise ValueError(f"ONNX export supports RetinaNet and SSD, not {type(model).__name__}")
 
 
 def unpad_detections(boxes: Tensor, scores: Tensor, labels: Tensor, num_dets: Tensor) -> list[dict[str, Tensor]]:
@@ -178,46 +320,52 @@ def unpad_detections(boxes: Tensor, scores: Tensor, labels: Tensor, num_dets: Te
 
 
 def example_inputs(batch: int, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Inputs of :class:`ExportableRetinaNet` for a batch of ``batch`` full-size ``(H, W)`` images."""
+    """Graph inputs for a batch of ``batch`` full-size ``(H, W)`` images."""
     height, width = size
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     img_shapes = torch.tensor([[float(height), float(width)]] * batch)
     return images, img_shapes, torch.ones(batch, 2)
 
 
-def _dynamic_shapes(pad_divisor: int, max_side: int) -> dict[str, Any]:
-    """Batch, height and width dynamic; height and width multiples of ``pad_divisor`` (as batches are)."""
+def _dynamic_shapes(pad_divisor: int, max_side: int, spatial: bool = True) -> dict[str, Any]:
+    """Batch dynamic, and with ``spatial`` height and width too (multiples of ``pad_divisor``, as batches are)."""
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=1024)
-    height = pad_divisor * Dim("height_blocks", min=1, max=max_side // pad_divisor)
-    width = pad_divisor * Dim("width_blocks", min=1, max=max_side // pad_divisor)
-    return {"images": {0: batch, 2: height, 3: width}, "img_shapes": {0: batch}, "scale_factors": {0: batch}}
+    image_dims: dict[int, Any] = {0: batch}
+    if spatial:
+        image_dims[2] = pad_divisor * Dim("height_blocks", min=1, max=max_side // pad_divisor)
+        image_dims[3] = pad_divisor * Dim("width_blocks", min=1, max=max_side // pad_divisor)
+    return {"images": image_dims, "img_shapes": {0: batch}, "scale_factors": {0: batch}}
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int = 1, size: tuple[int, int] = (800, 1344),
                 fp16: bool = False, dynamic: bool = False, pad_divisor: int = 32,
-                opset: int = OPSET) -> ExportableRetinaNet:
-    """Write ``model`` (a built, loaded ``RetinaNet``) and its post-processing as one ONNX file.
+                opset: int = OPSET) -> nn.Module:
+    """Write ``model`` (a built, loaded RetinaNet or SSD) and its post-processing as one ONNX file.
 
     Uses ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript; torchvision's NMS
     becomes ONNX ``NonMaxSuppression``). Static by default: batch ``batch`` of ``size = (H, W)``
     images. ``dynamic``: batch, height and width become graph dimensions (height and width multiples
     of ``pad_divisor``, up to 4096); the example traced then has batch 2 and at least two cells on the
-    coarsest level, since ``torch.export`` specialises dimensions of size 1. ``fp16``: float16
-    network, float32 post-processing. Weights are stored inside the file (no external data).
-    Returns the wrapper that was exported (for checks against the graph).
+    coarsest level, since ``torch.export`` specialises dimensions of size 1. SSD, whose layers fix the
+    input size, gets a dynamic batch only. ``fp16``: float16 network, float32 post-processing. Weights
+    are stored inside the file (no external data). Returns the wrapper that was exported (for checks
+    against the graph).
     """
-    wrapper = ExportableRetinaNet(model.eval(), torch.float16 if fp16 else torch.float32).eval()
+    wrapper = build_exportable(model.eval(), torch.float16 if fp16 else torch.float32).eval()
     dynamic_shapes = None
     if dynamic:
-        coarsest = 2 * int(max(wrapper.strides))
-        round_up = lambda v: -(-max(v, coarsest) // pad_divisor) * pad_divisor  # noqa: E731
-        batch, size = max(batch, 2), (round_up(size[0]), round_up(size[1]))
-        dynamic_shapes = _dynamic_shapes(pad_divisor, 4096)
+        spatial = not isinstance(wrapper, ExportableSSD)
+        if spatial:
+            coarsest = 2 * int(max(wrapper.strides))
+            round_up = lambda v: -(-max(v, coarsest) // pad_divisor) * pad_divisor  # noqa: E731
+            size = (round_up(size[0]), round_up(size[1]))
+        batch = max(batch, 2)
+        dynamic_shapes = _dynamic_shapes(pad_divisor, 4096, spatial)
     with _quiet_exporter():
         torch.onnx.export(wrapper, example_inputs(batch, size), str(path), dynamo=True, opset_version=opset,
-                          input_names=list(EXPORT_INPUTS), output_names=list(EXPORT_OUTPUTS),
+                          input_names=list(EXPORT_INPUTS), output_names=list(wrapper.output_names),
                           dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
     return wrapper
 
