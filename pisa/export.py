@@ -3,8 +3,8 @@ model.onnx [--fp16] [--batch N] [--dynamic] [--size H W] [--set k=v ...] [--trus
 
 The graph takes ``images`` ``(B, 3, H, W)`` (normalised and padded, as ``pisa.data`` makes them),
 ``img_shapes`` ``(B, 2)`` and ``scale_factors`` ``(B, 2)``, and returns ``boxes`` ``(B, M, 4)``,
-``scores`` ``(B, M)``, ``labels`` ``(B, M)`` and ``num_dets`` ``(B,)`` (``M = model.test.max_per_img``;
-see ``pisa.export_model``). Evaluate it with ``python -m pisa.eval CONFIG --onnx model.onnx``.
+``scores`` ``(B, M)``, ``labels`` ``(B, M)`` and ``num_dets`` ``(B,)`` (``M`` = the test ``max_per_img``),
+and for Mask R-CNN ``masks`` ``(B, M, 28, 28)`` probabilities (see ``pisa.export_model``). Evaluate it with ``python -m pisa.eval CONFIG --onnx model.onnx``.
 Needs the ``onnx`` extra: ``pip install "pisa-det[onnx]"``.
 """
 
@@ -79,7 +79,7 @@ def check_sizes(args: argparse.Namespace, size: tuple[int, int], divisor: int) -
                           f"data.pad_divisor ({divisor}), as the data pipeline pads them")
 
 
-EXPORTABLE_TYPES = ("retinanet", "ssd")
+EXPORTABLE_TYPES = ("retinanet", "ssd", "faster_rcnn", "mask_rcnn")
 
 
 def check_exportable(model_cfg: dict) -> None:

@@ -9,7 +9,10 @@ Runtime runs:
   ``min_bbox_size`` dropped, per-class NMS on ``score > score_thr`` (method spec §7.3);
 * :class:`ExportableSSD`: softmax over ``C + 1`` columns with the background dropped, optionally the
   top ``nms_pre`` anchors per level, decoding, clipping, rescaling, per-class NMS (no size filter, as
-  the model's ``SSDPostProcessor``).
+  the model's ``SSDPostProcessor``);
+* :class:`ExportableTwoStage` (Faster / Mask R-CNN): RPN proposals with NMS per image and level,
+  RoIAlign by level, the box head, class-specific decoding, per-class NMS; for Mask R-CNN the mask
+  head on the detections and each detection's mask probabilities (pasting stays outside the graph).
 
 Every wrapper ends the same way (:func:`batched_multiclass_nms`, :func:`first_per_image`): per-class
 NMS for the whole batch in ONE ``torchvision.ops.nms`` call, every (image, class) pair moved to its
@@ -35,10 +38,12 @@ from typing import Any
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 from pisa.models.retina_head import flatten_levels
+from pisa.models.roi_align import MultiScaleRoIAlign, map_roi_levels, ungroup
 
-__all__ = ["ExportableRetinaNet", "ExportableSSD", "EXPORT_INPUTS", "EXPORT_OUTPUTS", "OPSET", "Detections",
+__all__ = ["ExportableRetinaNet", "ExportableSSD", "ExportableTwoStage", "EXPORT_INPUTS", "EXPORT_OUTPUTS", "MASK_THRESHOLD_KEY", "OPSET", "Detections",
            "build_exportable", "export_onnx", "example_inputs", "unpad_detections"]
 
 EXPORT_INPUTS = ("images", "img_shapes", "scale_factors")
@@ -46,6 +51,8 @@ EXPORT_OUTPUTS = ("boxes", "scores", "labels", "num_dets")
 # Opset 18: the first with every operator the exporter emits here in its current form (ReduceMax
 # with axes as an input); ONNX Runtime runs it on CPU and CUDA.
 OPSET = 18
+# Metadata of a Mask R-CNN graph: the threshold that binarises the pasted masks (model.roi_head.test.mask_thr).
+MASK_THRESHOLD_KEY = "pisa.mask_thr"
 
 
 # ---- post-processing pieces shared by the wrappers -------------------------------------------------
@@ -295,28 +302,171 @@ class ExportableSSD(nn.Module):
         return padded_outputs(kept, boxes.shape[0], self.max_per_img)[0]
 
 
+# ---- two-stage detectors ---------------------------------------------------------------------------
+
+
+def pool_by_level(pool: nn.Module, features: list[Tensor], rois: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A :class:`~pisa.models.roi_align.MultiScaleRoIAlign`'s pooling, with its settings, in graph ops.
+
+    ``rois (R, 5)`` float32 ``[batch_idx, x1, y1, x2, y2]`` → ``(pooled (R, C, S, S)`` in ``dtype``,
+    grouped by level, and ``order (R,)``: row ``i`` is RoI ``order[i]``), as ``forward_grouped``
+    returns them. Every level runs, also with no RoI (an empty ``RoiAlign``), since the graph cannot
+    branch on a count. RoIAlign (``aligned=True``, the pool's ``sampling_ratio``, 0 = adaptive)
+    becomes ONNX ``RoiAlign`` with ``coordinate_transformation_mode="half_pixel"``; it runs in
+    float32 whatever the network's dtype, as the model never rounds boxes to half precision.
+    """
+    levels = map_roi_levels(rois[:, 1:], len(pool.strides), pool.finest_scale)
+    pooled, order = [], []
+    for level, stride in enumerate(pool.strides):
+        inds = torch.nonzero(levels == level).reshape(-1)
+        pooled.append(roi_align(features[level].float(), rois[inds], pool.output_size, spatial_scale=1.0 / stride,
+                                sampling_ratio=pool.sampling_ratio, aligned=True))
+        order.append(inds)
+    return torch.cat(pooled).to(dtype), torch.cat(order)
+
+
+class ExportableTwoStage(nn.Module):
+    """A Faster / Mask R-CNN whose ``forward`` is the whole test-time computation, in tensors only.
+
+    Args and the ``forward`` contract as :class:`ExportableRetinaNet`; ``M = model.roi_head.test
+    .max_per_img``. With a mask branch a fifth output ``masks`` float32 ``(B, M, S, S)`` holds each
+    detection's mask probabilities (sigmoid of its label's channel, ``S = 28``; zeros in empty
+    slots); pasting them into the image (``pisa.models.mask_head.paste_masks``) stays outside the graph.
+
+    The steps are the model's eval mode (``RPN.proposals``, ``RoIHead.detect``):
+
+    1. RPN: per level the top ``nms_pre`` anchors by sigmoid objectness, decoded and clipped to
+       ``img_shapes``; NMS within each (image, level); each image's ``max_per_img`` best proposals;
+    2. RoIAlign by level (:func:`pool_by_level`) and the box head;
+    3. softmax without the background column, class-specific decoding clipped to ``img_shapes``,
+       division by ``scale_factors``, per-class NMS on ``score > score_thr``, the best ``M`` per image;
+    4. masks: the detections' boxes back in input pixels, RoIAlign by level, the mask head.
+    """
+
+    def __init__(self, model: nn.Module, network_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        rpn, roi_head = model.rpn, model.roi_head
+        self.with_mask = roi_head.with_mask
+        pools = [roi_head.bbox_roi_pool] + ([roi_head.mask_roi_pool] if self.with_mask else [])
+        for pool in pools:
+            if not isinstance(pool, MultiScaleRoIAlign):
+                raise ValueError(f"the export pools RoIs as MultiScaleRoIAlign does, not as {type(pool).__name__}")
+        heads = [model.backbone, model.neck, rpn.head, roi_head.bbox_head] + ([roi_head.mask_head] if self.with_mask
+                                                                             else [])
+        network = _network(heads, network_dtype)
+        self.backbone, self.neck, self.rpn_head, self.bbox_head = network[:4]
+        self.mask_head = network[4] if self.with_mask else None
+        self.network_dtype = network_dtype
+        self.output_names = EXPORT_OUTPUTS + (("masks",) if self.with_mask else ())
+        generator = rpn.anchor_generator
+        self.rpn_coder, self.proposal_settings = rpn.coder, rpn.test_proposals
+        self.strides = [float(s) for s in generator.strides]
+        self.center_offset = generator.center_offset
+        for level, base in enumerate(generator.base_anchors()):
+            self.register_buffer(f"base_anchors_{level}", base, persistent=False)
+        self.coder, self.num_classes, self.test = roi_head.coder, roi_head.num_classes, roi_head.test
+        self.bbox_pool, self.mask_pool = pools[0], (pools[1] if self.with_mask else None)
+
+    def forward(self, images: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> tuple[Tensor, ...]:
+        img_shapes, scale_factors = img_shapes.float(), scale_factors.float()
+        features = self.neck(self.backbone(images.to(self.network_dtype)))  # P2..P6
+        objectness, deltas = self.rpn_head(features)
+        rois = self.proposals([o.float() for o in objectness], [d.float() for d in deltas], img_shapes)
+        detections = self.detect(features, rois, img_shapes, scale_factors)
+        batch, m = images.shape[0], self.test.max_per_img
+        outputs, kept, slots = padded_outputs(detections, batch, m)
+        if not self.with_mask:
+            return outputs
+        return (*outputs, to_slots(self.mask_probs(features, kept, scale_factors), slots, batch, m, 0.0))
+
+    def proposals(self, objectness: list[Tensor], deltas: list[Tensor], img_shapes: Tensor) -> Tensor:
+        """RPN maps (per level ``(B, A, H, W)`` logits, ``(B, 4A, H, W)`` deltas) → float32 RoIs
+        ``(R, 5)`` ``[batch_idx, x1, y1, x2, y2]`` in input pixels, every image's proposals."""
+        settings = self.proposal_settings
+        level_boxes, level_scores, level_ids = [], [], []
+        for level, (logits, level_deltas) in enumerate(zip(objectness, deltas)):
+            anchors = grid_anchors(getattr(self, f"base_anchors_{level}"), self.strides[level], self.center_offset,
+                                   logits)
+            scores = flatten_levels([logits], 1).squeeze(2).sigmoid()  # (B, N)
+            k = min(settings.nms_pre, scores.shape[1]) if settings.nms_pre > 0 else scores.shape[1]
+            scores, top = scores.topk(k, dim=1)
+            level_deltas = flatten_levels([level_deltas], 4).gather(1, top[..., None].expand(-1, -1, 4))
+            level_boxes.append(self.rpn_coder.decode(anchors[top], level_deltas))
+            level_scores.append(scores)
+            level_ids.append(torch.full_like(top, level))
+        boxes = clip_to_images(torch.cat(level_boxes, dim=1), img_shapes).reshape(-1, 4)
+        scores, levels = torch.cat(level_scores, dim=1), torch.cat(level_ids, dim=1)
+        batch, count = scores.shape
+        images = torch.arange(batch, device=scores.device)[:, None].expand(batch, count).reshape(-1)
+        # Levels never suppress each other (the level is the group along x), nor do images (along y).
+        keep = nms_by_group(boxes, scores.reshape(-1), levels.reshape(-1), images, settings.nms_iou, boxes.max() + 1)
+        if settings.max_per_img > 0:
+            keep = keep[torch.nonzero(rank_in_image(images[keep], batch) < settings.max_per_img).reshape(-1)]
+        # A bound on the proposal count for torch.export: without it, the bound of the later
+        # nonzero over (proposal, class) pairs overflows int64 in the graph's runtime checks.
+        torch._check(keep.shape[0] <= boxes.shape[0])
+        return torch.cat([images[keep].to(boxes.dtype)[:, None], boxes[keep]], dim=1)
+
+    def detect(self, features: list[Tensor], rois: Tensor, img_shapes: Tensor, scale_factors: Tensor) -> Detections:
+        """Box head on the RoIs → per-class NMS survivors of the batch, by decreasing score."""
+        pooled, order = pool_by_level(self.bbox_pool, features, rois, self.network_dtype)
+        logits, deltas = self.bbox_head(pooled)
+        logits, deltas = ungroup(logits.float(), order), ungroup(deltas.float(), order)
+        num_classes = self.num_classes
+        scores = torch.softmax(logits, dim=1)[:, :num_classes]  # (R, C)
+        images = rois[:, 0].to(torch.int64)
+        boxes = self.coder.decode(rois[:, None, 1:], deltas.reshape(-1, num_classes, 4))  # (R, C, 4)
+        boxes = clip_and_rescale(boxes, img_shapes[images], scale_factors[images])
+        above = torch.nonzero((scores > self.test.score_thr).reshape(-1)).reshape(-1)  # RoI-major, class-minor
+        row = torch.div(above, num_classes, rounding_mode="floor")
+        candidates = Detections(boxes.reshape(-1, 4)[above], scores.reshape(-1)[above], above - row * num_classes,
+                                images[row])
+        return batched_multiclass_nms(candidates, self.test.nms_iou, boxes.max() + 1)
+
+    def mask_probs(self, features: list[Tensor], detections: Detections, scale_factors: Tensor) -> Tensor:
+        """float32 ``(D, S, S)`` mask probabilities of the detections' labels (``RoIHead.add_masks``
+        before pasting): boxes back in input pixels, pooled by level, the mask head."""
+        scale = scale_factors[detections.images][:, [0, 1, 0, 1]]
+        rois = torch.cat([detections.images.to(torch.float32)[:, None], detections.boxes * scale], dim=1)
+        pooled, order = pool_by_level(self.mask_pool, features, rois, self.network_dtype)
+        logits = self.mask_head(pooled)  # (D, C, S, S), grouped by level
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return ungroup(logits[rows, detections.labels[order]].float().sigmoid(), order)
+
+
 # ---- building and writing the graph ----------------------------------------------------------------
 
 
 def build_exportable(model: nn.Module, network_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The export wrapper of a built pisa detector (RetinaNet, SSD); a ``ValueError`` for other types."""
+    """The export wrapper of a built pisa detector (RetinaNet, SSD, Faster / Mask R-CNN); a
+    ``ValueError`` for other types."""
     from pisa.models.retinanet import RetinaNet
     from pisa.models.ssd import SSD
+    from pisa.models.two_stage import TwoStageDetector
 
     if isinstance(model, RetinaNet):
         return ExportableRetinaNet(model, network_dtype)
     if isinstance(model, SSD):
         return ExportableSSD(model, network_dtype)
-    raise ValueError(f"ONNX export supports RetinaNet and SSD, not {type(model).__name__}")
+    if isinstance(model, TwoStageDetector):
+        return ExportableTwoStage(model, network_dtype)
+    raise ValueError(f"ONNX export supports RetinaNet, SSD and Faster / Mask R-CNN, not {type(model).__name__}")
 
 
-def unpad_detections(boxes: Tensor, scores: Tensor, labels: Tensor, num_dets: Tensor) -> list[dict[str, Tensor]]:
+def unpad_detections(boxes: Tensor, scores: Tensor, labels: Tensor, num_dets: Tensor,
+                     masks: Tensor | None = None) -> list[dict[str, Tensor]]:
     """Padded ``(B, M, ·)`` outputs → one ``{"boxes", "scores", "labels"}`` dict per image (the model's
-    eval-mode format). Accepts tensors or numpy arrays."""
+    eval-mode format), plus ``"mask_probs"`` ``(D, S, S)`` when a graph's ``masks`` are given (to be
+    pasted with ``pisa.models.mask_head.paste_masks``). Accepts tensors or numpy arrays."""
     as_tensor = torch.as_tensor
     boxes, scores, labels, num_dets = (as_tensor(x) for x in (boxes, scores, labels, num_dets))
-    return [{"boxes": boxes[i, :n].float(), "scores": scores[i, :n].float(), "labels": labels[i, :n].long()}
-            for i, n in enumerate(num_dets.tolist())]
+    detections = [{"boxes": boxes[i, :n].float(), "scores": scores[i, :n].float(), "labels": labels[i, :n].long()}
+                  for i, n in enumerate(num_dets.tolist())]
+    if masks is not None:
+        masks = as_tensor(masks)
+        for i, det in enumerate(detections):
+            det["mask_probs"] = masks[i, :len(det["labels"])].float()
+    return detections
 
 
 def example_inputs(batch: int, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -342,7 +492,8 @@ def _dynamic_shapes(pad_divisor: int, max_side: int, spatial: bool = True) -> di
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int = 1, size: tuple[int, int] = (800, 1344),
                 fp16: bool = False, dynamic: bool = False, pad_divisor: int = 32,
                 opset: int = OPSET) -> nn.Module:
-    """Write ``model`` (a built, loaded RetinaNet or SSD) and its post-processing as one ONNX file.
+    """Write ``model`` (a built, loaded RetinaNet, SSD or Faster / Mask R-CNN) and its post-processing
+    as one ONNX file.
 
     Uses ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript; torchvision's NMS
     becomes ONNX ``NonMaxSuppression``). Static by default: batch ``batch`` of ``size = (H, W)``
@@ -364,9 +515,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int = 1, si
         batch = max(batch, 2)
         dynamic_shapes = _dynamic_shapes(pad_divisor, 4096, spatial)
     with _quiet_exporter():
-        torch.onnx.export(wrapper, example_inputs(batch, size), str(path), dynamo=True, opset_version=opset,
-                          input_names=list(EXPORT_INPUTS), output_names=list(wrapper.output_names),
-                          dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+        program = torch.onnx.export(wrapper, example_inputs(batch, size), dynamo=True, opset_version=opset,
+                                    input_names=list(EXPORT_INPUTS), output_names=list(wrapper.output_names),
+                                    dynamic_shapes=dynamic_shapes, verbose=False)
+    if isinstance(wrapper, ExportableTwoStage) and wrapper.with_mask:
+        # The runner pastes the mask probabilities outside the graph, binarised as the model does.
+        program.model.metadata_props[MASK_THRESHOLD_KEY] = repr(float(wrapper.test.mask_thr))
+    program.save(str(path), external_data=False)
     return wrapper
 
 

@@ -1,7 +1,7 @@
 """An exported ONNX detector behind the PyTorch model's eval interface, for ``pisa.engine.inference.evaluate``.
 
 ``OnnxDetector(path)(images, targets)`` returns one ``{"boxes", "scores", "labels"}`` dict per image in
-original-image coordinates, like a pisa detector in eval mode, so the same data pipeline and
+original-image coordinates (+ ``masks`` for Mask R-CNN, pasted here), like a pisa detector in eval mode, so the same data pipeline and
 evaluator score both. The graph is one written by ``python -m pisa.export`` (inputs ``images``,
 ``img_shapes``, ``scale_factors``; see ``pisa.export_model``).
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pisa.engine.checkpoint import CheckpointError
-from pisa.export_model import EXPORT_INPUTS, unpad_detections
+from pisa.export_model import EXPORT_INPUTS, EXPORT_OUTPUTS, MASK_THRESHOLD_KEY, unpad_detections
+from pisa.models.mask_head import paste_masks
 
 __all__ = ["OnnxDetector", "OnnxModelError", "import_onnxruntime"]
 
@@ -56,7 +57,9 @@ class OnnxDetector(nn.Module):
 
     ``forward(images (B, 3, H, W) float, targets: list[dict])`` reads each target's ``img_shape`` and
     ``scale_factor`` and returns one dict per image with float32 ``boxes`` ``(D, 4)``, ``scores``
-    ``(D,)`` and int64 ``labels`` ``(D,)`` on the CPU.
+    ``(D,)`` and int64 ``labels`` ``(D,)`` on the CPU. A Mask R-CNN graph's mask probabilities are
+    pasted at each target's ``ori_shape`` (``paste_masks``, the graph's ``pisa.mask_thr``) into bool
+    ``masks`` ``(D, H0, W0)``, as the PyTorch model does.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
@@ -73,6 +76,17 @@ class OnnxDetector(nn.Module):
         if names != EXPORT_INPUTS:
             raise OnnxModelError(f"{path} has inputs {list(names)}, not {list(EXPORT_INPUTS)}: "
                                  "export the model with python -m pisa.export")
+        outputs = tuple(o.name for o in self.session.get_outputs())
+        if outputs not in (EXPORT_OUTPUTS, EXPORT_OUTPUTS + ("masks",)):
+            raise OnnxModelError(f"{path} has outputs {list(outputs)}, not {list(EXPORT_OUTPUTS)} (+ masks): "
+                                 "export the model with python -m pisa.export")
+        self.mask_thr = None
+        if "masks" in outputs:
+            metadata = self.session.get_modelmeta().custom_metadata_map
+            if MASK_THRESHOLD_KEY not in metadata:
+                raise OnnxModelError(f"{path} has masks but no {MASK_THRESHOLD_KEY} metadata: "
+                                     "export the model again with python -m pisa.export")
+            self.mask_thr = float(metadata[MASK_THRESHOLD_KEY])
         # Each dimension is an int (static) or a name (dynamic).
         self.batch, _, self.height, self.width = inputs[0].shape
         self.path = str(path)
@@ -93,6 +107,11 @@ class OnnxDetector(nn.Module):
             stop = min(start + self._chunk(count), count)
             feeds = self._fill_batch(images[start:stop], img_shapes[start:stop], scale_factors[start:stop])
             detections += unpad_detections(*self.session.run(None, feeds))[:stop - start]
+        if self.mask_thr is not None:
+            for det, target in zip(detections, targets):
+                # The mask probabilities pasted as the PyTorch model pastes them (RoIHead.add_masks).
+                det["masks"] = paste_masks(det.pop("mask_probs"), det["boxes"], tuple(target["ori_shape"]),
+                                           threshold=self.mask_thr)
         return detections
 
     def _chunk(self, count: int) -> int:
