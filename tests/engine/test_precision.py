@@ -62,7 +62,7 @@ def test_model_device_of_a_module_without_tensors_is_the_cpu():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny RetinaNet trained for 16 iterations on 16 demo images (96 px); score_thr 0 gives every
+    """A tiny RetinaNet trained for 32 iterations on 16 demo images (96 px); score_thr 0 gives every
     val image 100 scored detections, so AP depends on every score's rank."""
     from pisa import train as pisa_train
     from pisa.data.synthetic import ensure_demo_dataset
@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
     sets = [f"data.train={{type: coco, ann_file: {paths['train_ann']}, img_dir: {paths['train_img_dir']}}}",
             f"data.val={{type: coco, ann_file: {paths['val_ann']}, img_dir: {paths['val_img_dir']}}}",
             "data.train_transforms.scales=[[96,96]]", "data.test_transforms.scales=[[96,96]]",
-            "data.batch_size=4", "data.workers=0", "schedule.epochs=4", "schedule.steps=[]",
+            "data.batch_size=4", "data.workers=0", "schedule.epochs=8", "schedule.steps=[]",
             "schedule.warmup_iters=4", "optim.ref_batch=4", "train.eval_interval=0", "train.ckpt_interval=0",
             "train.log_interval=8", *TINY, "model.test.score_thr=0.0", f"train.work_dir={work}"]
     args = [arg for s in sets for arg in ("--set", s)]
