@@ -23,6 +23,7 @@ from pisa.models.roi_heads import RoIHead
 from pisa.models.rpn import RPN, ProposalSettings, RPNHead
 from pisa.models.samplers import PseudoSampler, RandomSampler
 from pisa.models.sampling_free import SamplingFreeRoIHead, SamplingFreeRPN, guided_loss_scaling, prior_bias
+from test_two_stage import _target, batch  # the shared two-image batch
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 3
@@ -46,29 +47,6 @@ def tiny_cfg(kind: str = "faster", *overrides: str) -> dict:
 def tiny_model(kind: str = "faster", *overrides: str, seed: int = 0):
     torch.manual_seed(seed)
     return build_model(tiny_cfg(kind, *overrides)).train()
-
-
-def _target(boxes, labels, img_shape=(64, 96), masks: bool = False) -> dict:
-    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    t = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "ignore_boxes": torch.zeros(0, 4),
-         "img_shape": img_shape, "ori_shape": img_shape, "scale_factor": (1.0, 1.0), "image_id": 0,
-         "flip": False}
-    if masks:
-        m = torch.zeros(len(boxes), *img_shape, dtype=torch.uint8)
-        for i, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
-            m[i, y1:y2, x1:x2] = 1
-        t["masks"] = m
-    return t
-
-
-def batch(masks: bool = False, empty: bool = False):
-    """Two 64 x 96 images (the second one 60 x 80 inside the padding)."""
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, 64, 96)
-    if empty:
-        return images, [_target([], [], masks=masks), _target([], [], (60, 80), masks=masks)]
-    return images, [_target([[8, 6, 48, 44], [40, 10, 90, 60], [2, 30, 30, 62]], [1, 1, 2], masks=masks),
-                    _target([[20, 16, 60, 56]], [0], (60, 80), masks=masks)]
 
 
 # ---- RPN ----------------------------------------------------------------------------------------
