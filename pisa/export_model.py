@@ -528,13 +528,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int = 1, si
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporter's notes that ask nothing of a pisa user: torchvision's NMS meta kernel
-    calls an API torch marks deprecated, and onnx_ir notes the empty attribute lists it defaults."""
+    calls an API torch marks deprecated, onnx_ir notes the empty attribute lists it defaults, and a
+    dynamic export's equal dimension names are merged."""
     logger = logging.getLogger("onnx_ir")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*create_unbacked_symint.*", category=FutureWarning)
+            # A dynamic export names the batch dimension of all three inputs "batch"; the exporter
+            # notes that it keeps one of the equal names.
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*", category=UserWarning)
             yield
     finally:
         logger.setLevel(level)

@@ -162,6 +162,31 @@ def test_onnx_runtime_matches_pytorch_at_batch_n(ort, tmp_path):
     assert_same_detections(run_graph(ort, path, images, targets), reference)
 
 
+
+def test_dynamic_graph_matches_pytorch_at_other_batches_and_sizes(ort, tmp_path):
+    """One ``--dynamic`` graph, traced at batch 2 of 96x128, run at that batch, at batch 1 of a size
+    it never saw (64x96) and at batch 3 of 128x160: each time PyTorch's detections on the same input."""
+    from pisa.export_model import export_onnx
+
+    model = spread_model()
+    path = tmp_path / "dynamic.onnx"
+    images, targets = batch_of_two()
+    torch.manual_seed(2)
+    small = torch.randn(1, 3, 64, 96)
+    large = torch.randn(3, 3, 128, 160)
+    large[2, :, 100:] = 0
+    large_targets = [{"img_shape": (128, 160), "scale_factor": (1.0, 1.0)}] * 2 + [
+        {"img_shape": (100, 160), "scale_factor": (2.0, 2.0)}]
+    with torch.no_grad():
+        export_onnx(model, path, batch=2, size=(96, 128), dynamic=True)
+        cases = [(images, targets), (small, [{"img_shape": (64, 96), "scale_factor": (1.0, 1.0)}]),
+                 (large, large_targets)]
+        for batch, metas in cases:
+            reference = model(batch, metas)
+            assert all(len(r["boxes"]) > 0 for r in reference)
+            assert_same_detections(run_graph(ort, path, batch, metas), reference)
+
+
 # ---- CLIs on a trained checkpoint -------------------------------------------------------------------
 
 
@@ -233,6 +258,26 @@ def test_eval_onnx_reproduces_the_pytorch_ap(exported, trained, tmp_path):
     for key in ("bbox_AP", "bbox_AP50", "bbox_AP75"):
         assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-3)  # 0.1 AP point
     assert_same_results(tmp_path / "onnx", tmp_path / "torch")
+
+
+
+def test_fp16_graph_keeps_the_pytorch_ap(ort, trained, tmp_path):
+    """``pisa.export --fp16`` (float16 network, float32 post-processing) through ``pisa.eval --onnx``:
+    AP, AP50 and AP75 within 0.3 point of the float32 PyTorch model's."""
+    from pisa import eval as pisa_eval
+    from pisa import export as pisa_export
+
+    import onnx
+
+    checkpoint, args, _ = trained
+    graph = pisa_export.main(export_args(checkpoint, args, tmp_path / "fp16.onnx") + ["--fp16"])
+    weights = onnx.load(str(graph)).graph.initializer
+    assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > len(weights) // 2  # the network is fp16
+    torch_metrics = pisa_eval.main([CONFIG, str(checkpoint), *args, "--out", str(tmp_path / "torch")])
+    onnx_metrics = pisa_eval.main([CONFIG, "--onnx", str(graph), *args, "--out", str(tmp_path / "onnx")])
+    assert torch_metrics["bbox_AP50"] > 0
+    for key in ("bbox_AP", "bbox_AP50", "bbox_AP75"):
+        assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=3e-3), key  # 0.3 AP point
 
 
 def assert_same_results(ours_dir: Path, theirs_dir: Path, iou_type: str = "bbox") -> int:

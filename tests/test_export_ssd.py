@@ -96,6 +96,20 @@ def test_onnx_runtime_matches_pytorch_at_batch_1_and_n(ort, tmp_path):
                                reference[i:i + 1])
 
 
+
+def test_dynamic_batch_graph_matches_pytorch_at_batch_1_and_3(ort, tmp_path):
+    """SSD's ``--dynamic`` graph has a dynamic batch (its layers fix the input size)."""
+    from pisa.export_model import export_onnx
+
+    model = spread_model()
+    images, targets = batch_of_two()
+    three = torch.cat([images, images[:1].flip(-1)])
+    with torch.no_grad():
+        export_onnx(model, tmp_path / "dynamic.onnx", batch=1, size=(64, 64), dynamic=True)
+        for batch, metas in ((images[1:], targets[1:]), (three, [*targets, targets[0]])):
+            assert_same_detections(run_graph(ort, tmp_path / "dynamic.onnx", batch, metas), model(batch, metas))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny SSD trained for 24 iterations on 16 demo images (64 px), scored with 200 detections per

@@ -120,6 +120,30 @@ def test_onnx_runtime_matches_pytorch_at_batch_1_and_n(ort, tmp_path, config):
         assert_same_masks(ours, reference, max_fraction=1e-3)
 
 
+
+def test_dynamic_mask_rcnn_graph_matches_pytorch_at_other_batches_and_sizes(ort, tmp_path):
+    """One ``--dynamic`` Mask R-CNN graph (the box path is Faster R-CNN's), traced at batch 2 of
+    96x128, run at that batch and at batch 1 of a size it never saw (64x160): PyTorch's detections
+    and masks on the same input."""
+    from pisa.engine.onnx_runner import OnnxDetector
+    from pisa.export_model import export_onnx
+
+    model = spread_model(MASK)
+    images, targets = batch_of_two()
+    torch.manual_seed(2)
+    other = torch.randn(1, 3, 64, 160)
+    other_targets = [{"img_shape": (64, 160), "scale_factor": (1.0, 1.0), "ori_shape": (64, 160)}]
+    with torch.no_grad():
+        export_onnx(model, tmp_path / "dynamic.onnx", batch=2, size=(96, 128), dynamic=True)
+        detector = OnnxDetector(tmp_path / "dynamic.onnx")
+        for batch, metas in ((images, targets), (other, other_targets)):
+            reference = model(batch, metas)
+            assert all(len(r["boxes"]) > 10 for r in reference)
+            ours = detector(batch, metas)
+            assert_same_detections(ours, reference)
+            assert_same_masks(ours, reference, max_fraction=1e-3)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny Mask R-CNN trained for 32 iterations on 16 demo images (96 px), up to 100 detections per
@@ -151,3 +175,18 @@ def test_eval_onnx_reproduces_the_pytorch_mask_ap(ort, trained, tmp_path):
     for key in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75"):
         assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=1e-3), key  # 0.1 AP point
     assert assert_same_results(tmp_path / "onnx", tmp_path / "torch") > 100
+    assert torch_metrics["bbox_AP50"] > 0 and torch_metrics["segm_AP50"] > 0
+
+
+def test_fp16_graph_keeps_the_pytorch_mask_ap(ort, trained, tmp_path):
+    """``pisa.export --fp16`` of Mask R-CNN (float16 network, float32 post-processing): box and mask
+    AP within 0.3 point of the float32 PyTorch model's."""
+    from pisa import eval as pisa_eval
+    from pisa import export as pisa_export
+
+    checkpoint, args = trained
+    graph = pisa_export.main([MASK, str(checkpoint), "--out", str(tmp_path / "fp16.onnx"), "--fp16", *args])
+    torch_metrics = pisa_eval.main([MASK, str(checkpoint), *args, "--out", str(tmp_path / "torch")])
+    onnx_metrics = pisa_eval.main([MASK, "--onnx", str(graph), *args, "--out", str(tmp_path / "onnx")])
+    for key in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75"):
+        assert onnx_metrics[key] == pytest.approx(torch_metrics[key], abs=3e-3), key  # 0.3 AP point
