@@ -17,8 +17,8 @@ sizes, and pisa's weights copied in. Faster / Mask R-CNN's are torchvision's ``F
 no proposal size filter, and pisa's weights copied in (class order adapted), after the random RPN
 is rescaled to give realistic proposals (:func:`calibrate_rpn`). torchvision pools with 2 samples
 per bin and ``aligned=False``; pisa pools as the reference (adaptive samples, ``aligned=True``),
-which costs more on large RoIs. SSD300's counterpart has its own random initialisation (no weight
-mapping; its inference time then also depends on how many boxes pass the score threshold).
+which costs more on large RoIs. SSD300's is torchvision's ``ssd300_vgg16`` with pisa's weights and
+test thresholds.
 
 Then data loading (pisa's training pipeline at the R-50 configs' 1333x800 scale, generated demo
 images) and COCO evaluation (100 detections per image, pycocotools) per image. Every timing is a
@@ -372,10 +372,59 @@ def torchvision_two_stage(mask: bool) -> Callable[[dict, nn.Module, int], tuple[
     return build
 
 
+def ssd_state_for_torchvision(pisa_state: dict, tv_state: dict, num_classes: int) -> dict:
+    """pisa's SSD300 VGG16 state dict in the names of torchvision's ``ssd300_vgg16``.
+
+    conv1_1..conv4_3 keep their indices; conv5_x, conv6 and conv7 sit in torchvision's first extra
+    block; the L2 scale is ``backbone.scale_weight``; pisa's extra convs come in (1x1, 3x3) pairs, one
+    torchvision block each. The class convs' channels are ``anchor · (C + 1) + class`` in both, with
+    the background last in pisa and first in torchvision, so each anchor's block is rotated. Raises
+    ``KeyError`` unless every torchvision tensor is covered.
+    """
+    out = {}
+    for key, value in pisa_state.items():
+        part, _, rest = key.partition(".")
+        if part == "backbone":
+            group, _, tail = rest.partition(".")
+            if group == "l2_norm":
+                out["backbone.scale_weight"] = value
+                continue
+            index, _, name = tail.partition(".")
+            i = int(index)
+            if group == "features":
+                conv5 = {24: "extra.0.1", 26: "extra.0.3", 28: "extra.0.5", 31: "extra.0.7.1", 33: "extra.0.7.3"}
+                out[f"backbone.{conv5.get(i, f'features.{i}')}.{name}"] = value
+            elif group == "extra":
+                out[f"backbone.extra.{i // 2 + 1}.{2 * (i % 2)}.{name}"] = value
+            else:
+                raise KeyError(f"no torchvision counterpart for pisa SSD key {key}")
+        elif key.startswith("head.cls_convs."):
+            level, name = key[len("head.cls_convs."):].split(".")
+            blocks = value.reshape(-1, num_classes + 1, *value.shape[1:])
+            out[f"head.classification_head.module_list.{level}.{name}"] = torch.cat(
+                [blocks[:, num_classes:], blocks[:, :num_classes]], 1).reshape(value.shape)
+        elif key.startswith("head.reg_convs."):
+            out["head.regression_head.module_list." + key[len("head.reg_convs."):]] = value
+        else:
+            raise KeyError(f"no torchvision counterpart for pisa SSD key {key}")
+    missing, unexpected = set(tv_state) - set(out), set(out) - set(tv_state)
+    if missing or unexpected:
+        raise KeyError(f"weight copy to torchvision: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return out
+
+
 def torchvision_ssd300(cfg: dict, pisa_model: nn.Module, size: int) -> tuple[nn.Module, bool]:
+    """torchvision's ``ssd300_vgg16`` with pisa's weights and test thresholds. Its default boxes are
+    pisa's, in the same order, except that a side longer than the image is cut to the image's; it
+    keeps 400 candidates per class before NMS."""
     from torchvision.models.detection import ssd300_vgg16
 
-    return ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1), False
+    test = cfg["model"]["test"]
+    model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1,
+                         image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], score_thresh=test["score_thr"],
+                         nms_thresh=test["nms_iou"], detections_per_img=test["max_per_img"])
+    model.load_state_dict(ssd_state_for_torchvision(pisa_model.state_dict(), model.state_dict(), NUM_CLASSES))
+    return model, True
 
 
 TORCHVISION_BUILDERS = {"retinanet": torchvision_retinanet, "faster_rcnn": torchvision_two_stage(False),

@@ -97,3 +97,33 @@ def test_torchvision_faster_rcnn_gets_pisas_weights_and_the_calibrated_rpn():
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits[:, :80], tv_logits[:, 1:])  # background: last in pisa, first in torchvision
     torch.testing.assert_close(logits[:, 80], tv_logits[:, 0])
+
+
+def test_torchvision_ssd300_gets_pisas_weights():
+    """Strict load of every torchvision tensor; the same six feature maps, and the same class logits
+    (background rotated from last to first in each anchor's block) and deltas on all 8732 anchors."""
+    from pisa.models.retina_head import flatten_levels
+
+    spec = next(s for s in benchmark.DETECTORS if s.name == "ssd300")
+    baseline, _, cfg = benchmark.pisa_models(spec, torch.device("cpu"))
+    with torch.no_grad():  # a non-zero background logit, so that a wrong rotation shows
+        for conv in baseline.head.cls_convs:
+            conv.bias.normal_()
+    tv, same_weights = benchmark.torchvision_ssd300(cfg, baseline, 300)
+    assert same_weights and tv.score_thresh == cfg["model"]["test"]["score_thr"]
+    baseline.eval()
+    tv.eval()
+    images = torch.randn(1, 3, 300, 300)
+    with torch.no_grad():
+        features = baseline.backbone(images)
+        tv_features = list(tv.backbone(images).values())
+        cls_scores, bbox_preds = baseline.head(features)
+        tv_out = tv.head(tv_features)
+    for ours, theirs in zip(features, tv_features):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    logits = flatten_levels(cls_scores, 81).reshape(-1, 81)
+    deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)
+    assert logits.shape == tv_out["cls_logits"][0].shape == (8732, 81)
+    torch.testing.assert_close(logits[:, :80], tv_out["cls_logits"][0][:, 1:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[:, 80], tv_out["cls_logits"][0][:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(deltas, tv_out["bbox_regression"][0], rtol=1e-4, atol=1e-5)
