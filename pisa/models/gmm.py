@@ -80,12 +80,12 @@ def _log_norm(log_prob: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _em_step(x: Tensor, weight: Tensor, inv_count: Tensor, sq_diff: Tensor, params: Tensor,
-             reg_covar: float) -> tuple[Tensor, Tensor, Tensor]:
+             reg_covar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One E-step and M-step on ``n`` rows of samples ``x`` ``(n, K)``.
 
     ``weight`` is 1.0 at samples and 0.0 at padding; ``inv_count`` ``(n,)`` one over the row's sample
-    count. Returns the lower bound less ``½ log 2π`` ``(n,)``, the new params ``(3, 2, n)`` and the
-    new squared distances ``(2, n, K)``.
+    count; ``reg_covar`` a 0-d tensor of ``x``'s dtype. Returns the lower bound less ``½ log 2π``
+    ``(n,)``, the new params ``(3, 2, n)`` and the new squared distances ``(2, n, K)``.
     """
     log_norm, resp, total = _log_norm(_log_prob(sq_diff, params))
     lower_bound = torch.linalg.vecdot(log_norm, weight).mul_(inv_count)
@@ -94,7 +94,7 @@ def _em_step(x: Tensor, weight: Tensor, inv_count: Tensor, sq_diff: Tensor, para
     nk = resp.sum(2).add_(10 * torch.finfo(x.dtype).eps)
     means = torch.linalg.vecdot(resp, x).div_(nk)
     sq_diff = torch.sub(x, means[:, :, None]).square_()
-    variances = torch.linalg.vecdot(resp, sq_diff).div_(nk).add_(reg_covar)
+    variances = torch.addcdiv(reg_covar, torch.linalg.vecdot(resp, sq_diff), nk)
     return lower_bound, torch.stack([nk * inv_count, means, variances]), sq_diff
 
 
@@ -152,11 +152,12 @@ def _run_em(x: Tensor, mask: Tensor, params: Tensor, n_iter: Tensor, converged: 
     """EM on the rows with samples; ``params`` ``(3, 2, G)``, ``n_iter`` and ``converged`` ``(G,)`` are
     updated in place.
 
-    A converged row keeps its parameters (masked update) while the others go on; its other working
-    values may change, they are never read again. Every ``sync_every`` iterations the host reads how
-    many rows still run: none ends the loop; at most half of the working rows gathers those into
-    smaller tensors, after writing out the results of all (so the tensors shrink a few times, not at
-    every convergence).
+    While the host knows every working row still runs (on CPU, between a compaction and the next
+    convergence), the step's results are taken whole. Otherwise a converged row keeps its parameters
+    (masked update) while the others go on; its other working values may change, they are never read
+    again. Every ``sync_every`` iterations the host reads how many rows still run: none ends the loop;
+    at most half of the working rows gathers those into smaller tensors, after writing out the results
+    of all (so the tensors shrink a few times, not at every convergence).
     """
     index = torch.nonzero(mask.any(1)).squeeze(1)
     x, weight = x.index_select(0, index), mask.index_select(0, index).to(x.dtype)
@@ -165,26 +166,37 @@ def _run_em(x: Tensor, mask: Tensor, params: Tensor, n_iter: Tensor, converged: 
     bound = torch.full_like(inv_count, -math.inf)
     active = torch.ones_like(inv_count, dtype=torch.bool)
     steps = torch.zeros_like(index)
+    reg = torch.tensor(reg_covar, dtype=x.dtype, device=x.device)
+    all_running = True  # known on the host: every working row is still running
     for iteration in range(1, max_iter + 1):
         if index.numel() == 0:
             return
-        new_bound, new_rows, sq_diff = _em_step(x, weight, inv_count, sq_diff, rows, reg_covar)
-        rows = torch.where(active, new_rows, rows)
-        steps += active
-        active = (new_bound - bound).abs_().ge(tol).logical_and_(active)
+        new_bound, new_rows, sq_diff = _em_step(x, weight, inv_count, sq_diff, rows, reg)
+        change = (new_bound - bound).abs_()
         bound = new_bound
+        if all_running:  # no masked update needed (the common case between two compactions on CPU)
+            rows, active = new_rows, change.ge(tol)
+            steps += 1
+        else:
+            rows = torch.where(active, new_rows, rows)
+            steps += active
+            active = change.ge(tol).logical_and_(active)
+        all_running = False
         if iteration % sync_every and iteration < max_iter:
             continue
         running = int(active.sum())
+        all_running = running == index.numel()
         if 2 * running > index.numel() and iteration < max_iter:
             continue
         params.index_copy_(2, index, rows)
         n_iter.index_copy_(0, index, steps)
         converged.index_copy_(0, index, ~active)
         keep = torch.nonzero(active).squeeze(1)
-        index, x, weight, inv_count = index[keep], x[keep], weight[keep], inv_count[keep]
-        rows, sq_diff, bound, steps = rows[:, :, keep], sq_diff[:, keep], bound[keep], steps[keep]
-        active = active[keep]
+        index, x, weight = index.index_select(0, keep), x.index_select(0, keep), weight.index_select(0, keep)
+        inv_count, rows = inv_count.index_select(0, keep), rows.index_select(2, keep)
+        sq_diff = sq_diff.index_select(1, keep)
+        bound, steps = bound.index_select(0, keep), steps.index_select(0, keep)
+        active, all_running = active.index_select(0, keep), True
 
 
 def gmm_positive_cut(fit: GMMFit, mask: Tensor, min_samples: int = 2) -> Tensor:

@@ -84,10 +84,13 @@ def _random_rows(seed=0, count=40):
     return rows
 
 
-def test_batched_em_matches_reference_on_random_rows():
+@pytest.mark.parametrize("sync_every", [1, 3, 8], ids=["cpu-default", "every-3", "accelerator-default"])
+def test_batched_em_matches_reference_on_random_rows(sync_every):
+    """Whatever the host reads how many rows still run (masked updates between two reads), the fit is
+    the reference's."""
     rows = _random_rows()
     values, mask = _pad(rows)
-    fit = fit_two_component_gmm(values, mask)
+    fit = fit_two_component_gmm(values, mask, sync_every=sync_every)
     cut = gmm_positive_cut(fit, mask)
     for i, row in enumerate(rows):
         w, mu, var, loglik, labels, n_iter, conv = reference_em(row)

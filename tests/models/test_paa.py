@@ -14,6 +14,7 @@ from pisa.models import MODELS, build_model
 from pisa.models.gmm import fit_two_component_gmm, gmm_positive_cut
 from pisa.models.paa import PAAFPN, score_voting
 from pisa.losses import sigmoid_focal_loss
+from pisa.models import paa_head
 from pisa.models.paa_head import (PAAHead, PAASettings, aligned_giou, paa_assign, select_candidates,
                                    summed_focal_loss)
 from pisa.models.retina_head import flatten_levels, level_anchors
@@ -109,6 +110,18 @@ def test_summed_focal_loss_equals_the_elementwise_focal_loss_summed():
     assert summed_focal_loss(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)).item() == pytest.approx(0.0433217)
 
 
+def test_summed_focal_loss_in_cpu_blocks_is_bit_identical(monkeypatch):
+    """Blocks of 64 elements (9 rows of 7 classes, the last block shorter) agree with one pass to float32
+    rounding (the reduction kernel may vectorise a block's rows differently)."""
+    gen = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(300, 7, generator=gen) * 6, torch.randint(0, 8, (300,), generator=gen)
+    whole = summed_focal_loss(logits, labels)
+    monkeypatch.setattr(paa_head, "_CPU_FOCAL_BLOCK_ELEMENTS", 64)
+    blocked = summed_focal_loss(logits, labels)
+    assert blocked.shape == (300,)
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0.0)
+
+
 def _reference_candidates(costs, rows, levels, num_rows, num_levels, topk):
     """Per (row, level): the topk smallest (cost, index) pairs in Python; per row, these level after
     level, sorted stably by cost (equal costs: lower level, then lower index, first)."""
@@ -138,7 +151,12 @@ def test_select_candidates_orders_negative_zero_and_infinite_costs_and_ties_by_i
     assert expected == [[6, 1, 3, 4, 5, 7], [11, 8, 9, 10]]
 
 
-def test_select_candidates_on_random_groups_equals_the_python_reference():
+@pytest.mark.parametrize("unique_keys", [True, False], ids=["unique-keys", "stable-sort"])
+def test_select_candidates_on_random_groups_equals_the_python_reference(monkeypatch, unique_keys):
+    """Both sort paths: keys made unique by the index (any sort), and torch's stable sort (used when the
+    index does not fit beside the key)."""
+    if not unique_keys:
+        monkeypatch.setattr(paa_head, "_UNIQUE_KEY_BITS", 0)
     gen = torch.Generator().manual_seed(3)
     count, num_rows, num_levels = 400, 12, 3
     rows = torch.randint(0, num_rows - 1, (count,), generator=gen)  # the last row has no sample
@@ -150,6 +168,18 @@ def test_select_candidates_on_random_groups_equals_the_python_reference():
     assert not cand.mask[-1].any() and cand.costs.shape == (num_rows, num_levels * 4)
     sorted_costs = cand.costs.masked_fill(~cand.mask, math.inf)
     assert bool((sorted_costs[:, 1:] >= sorted_costs[:, :-1]).all())
+
+
+@pytest.mark.parametrize("unique_keys", [True, False], ids=["unique-keys", "stable-sort"])
+def test_sort_order_is_the_stable_sorts_permutation(monkeypatch, unique_keys):
+    """Many equal keys (8 groups, 5 costs each) in random order: equal keys keep their index order."""
+    if not unique_keys:
+        monkeypatch.setattr(paa_head, "_UNIQUE_KEY_BITS", 0)
+    gen = torch.Generator().manual_seed(7)
+    keys = (torch.randint(0, 8, (3000,), generator=gen) << 32) | torch.randint(0, 5, (3000,), generator=gen)
+    order = paa_head._sort_order(keys, 8)
+    assert torch.equal(order, torch.sort(keys, stable=True).indices)
+    assert order.dtype == torch.int64 and order.device == keys.device
 
 
 def _loop_assign(costs, rows, levels, num_rows, num_levels, topk=9):
