@@ -341,7 +341,8 @@ class PAALoss(RetinaNetLoss):
                 gradient: the positives' decoded boxes keep it), flattened as the head's outputs.
             anchors_per_level, feature_sizes: the levels' anchors and map sizes (``level_anchors``).
         """
-        t = self.get_targets(anchors_per_level, feature_sizes, targets)
+        # Box deltas are only read by the experimental ISR-P; PAA regresses decoded boxes.
+        t = self.get_targets(anchors_per_level, feature_sizes, targets, encode_boxes=self.isr_p is not None)
         C = self.num_classes
         initial = torch.nonzero(t.labels < C).squeeze(1)
         gt_boxes, rows = self._matched_gt_boxes(targets, t.gt_inds[initial], t.img_inds[initial])

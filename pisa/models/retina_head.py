@@ -104,14 +104,14 @@ class DenseTargets:
     """Flattened training targets over ``N = B * M`` anchors (``M`` anchors per image).
 
     labels (N,) int64 with ``C`` = background; label_weights (N,) float32 (0 for ignored / invalid
-    anchors); bbox_targets (N, 4) encoded deltas (zero for non-positives); gt_inds (N,) int64 index of
+    anchors); bbox_targets (N, 4) encoded deltas (zero for non-positives; None when not asked for); gt_inds (N,) int64 index of
     the assigned GT inside its image (-1 for non-positives); img_inds (N,) int64; priors (N, 4);
     avg_factor: scalar tensor ``sum_img max(#pos_img, 1)``.
     """
 
     labels: Tensor
     label_weights: Tensor
-    bbox_targets: Tensor
+    bbox_targets: Tensor | None
     gt_inds: Tensor
     img_inds: Tensor
     priors: Tensor
@@ -158,8 +158,12 @@ class RetinaNetLoss(nn.Module):
         return (math.ceil(img_shape[0] / d) * d, math.ceil(img_shape[1] / d) * d)
 
     def get_targets(self, anchors_per_level: list[Tensor], feature_sizes: list[tuple[int, int]],
-                    targets: list[dict]) -> DenseTargets:
-        """Assign every image in one batched call and encode the positives' deltas in one batch."""
+                    targets: list[dict], *, encode_boxes: bool = True) -> DenseTargets:
+        """Assign every image in one batched call and encode the positives' deltas in one batch.
+
+        ``encode_boxes=False`` (for a criterion that regresses decoded boxes, like PAA's) skips the
+        encoding; ``bbox_targets`` is then None.
+        """
         anchors = torch.cat(anchors_per_level)
         device = anchors.device
         batch, num_anchors = len(targets), anchors.shape[0]
@@ -174,10 +178,12 @@ class RetinaNetLoss(nn.Module):
         gt_inds = torch.where(pos, result.gt_inds - 1, -1).reshape(-1)
         priors = anchors.repeat(batch, 1)
         img_inds = torch.arange(batch, device=device).repeat_interleave(num_anchors)
-        flat_pos = pos.reshape(-1)
-        matched = pad_sequence(gt_boxes, batch_first=True)[img_inds[flat_pos], gt_inds[flat_pos]]
-        bbox_targets = torch.zeros_like(priors)
-        bbox_targets[flat_pos] = self.coder.encode(priors[flat_pos], matched)
+        bbox_targets = None
+        if encode_boxes:
+            flat_pos = pos.reshape(-1)
+            matched = pad_sequence(gt_boxes, batch_first=True)[img_inds[flat_pos], gt_inds[flat_pos]]
+            bbox_targets = torch.zeros_like(priors)
+            bbox_targets[flat_pos] = self.coder.encode(priors[flat_pos], matched)
         avg_factor = pos.sum(1).clamp(min=1).sum().float()
         return DenseTargets(labels, label_weights, bbox_targets, gt_inds, img_inds, priors, avg_factor)
 

@@ -256,6 +256,12 @@ def test_assign_of_a_batch_equals_assign_of_each_image_alone():
         assert torch.equal(batch.labels[part], alone.labels), image
     counts = torch.bincount(batch.positives // per_image, minlength=3).tolist()
     assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0
+    # PAA regresses decoded boxes: its targets skip the delta encoding, and the rest is as encoded.
+    assert batch.targets.bbox_targets is None
+    encoded = criterion.get_targets(anchors_per_level, feature_sizes, targets)
+    for name in ("labels", "label_weights", "gt_inds", "img_inds", "priors", "avg_factor"):
+        assert torch.equal(getattr(batch.targets, name), getattr(encoded, name)), name
+    assert encoded.bbox_targets.shape == encoded.priors.shape
 
 
 def test_no_objects_golden_loss_and_attached_zero_box_losses():
