@@ -164,7 +164,6 @@ def _run_em(x: Tensor, mask: Tensor, params: Tensor, n_iter: Tensor, converged: 
     inv_count, rows = weight.sum(1).reciprocal_(), params.index_select(2, index)
     sq_diff = torch.sub(x, rows[1][:, :, None]).square_()
     bound = torch.full_like(inv_count, -math.inf)
-    active = torch.ones_like(inv_count, dtype=torch.bool)
     steps = torch.zeros_like(index)
     reg = torch.tensor(reg_covar, dtype=x.dtype, device=x.device)
     all_running = True  # known on the host: every working row is still running

@@ -152,7 +152,7 @@ def summed_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma
     num_classes = x.shape[1]
     weight_pos, weight_neg = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)
     if x.device.type == "cpu" and x.numel() > _CPU_FOCAL_BLOCK_ELEMENTS:
-        rows = max(1, _CPU_FOCAL_BLOCK_ELEMENTS // max(num_classes, 1))
+        rows = max(1, _CPU_FOCAL_BLOCK_ELEMENTS // num_classes)
         negatives = torch.cat([_summed_negative_focal(block, gamma) for block in x.split(rows)])
     else:
         negatives = _summed_negative_focal(x, gamma)

@@ -104,9 +104,9 @@ class DenseTargets:
     """Flattened training targets over ``N = B * M`` anchors (``M`` anchors per image).
 
     labels (N,) int64 with ``C`` = background; label_weights (N,) float32 (0 for ignored / invalid
-    anchors); bbox_targets (N, 4) encoded deltas (zero for non-positives; None when not asked for); gt_inds (N,) int64 index of
-    the assigned GT inside its image (-1 for non-positives); img_inds (N,) int64; priors (N, 4);
-    avg_factor: scalar tensor ``sum_img max(#pos_img, 1)``.
+    anchors); bbox_targets (N, 4) encoded deltas (zero for non-positives; None when not asked for);
+    gt_inds (N,) int64 index of the assigned GT inside its image (-1 for non-positives); img_inds (N,)
+    int64; priors (N, 4); avg_factor: scalar tensor ``sum_img max(#pos_img, 1)``.
     """
 
     labels: Tensor
