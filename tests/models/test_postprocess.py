@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from pisa.config import load_config
 from pisa.config_schema import ConfigError
 from pisa.models import build_model
 from pisa.models.box_coder import DeltaXYWHCoder
-from pisa.models.postprocess import dense_postprocess, dense_postprocess_batch, multiclass_nms
+from pisa.models.postprocess import best_survivors, dense_postprocess, dense_postprocess_batch, multiclass_nms
 
 
 def random_boxes(count: int, generator: torch.Generator) -> torch.Tensor:
@@ -40,6 +40,20 @@ def test_multiclass_nms_matches_a_per_class_loop():
     # Without a cap every survivor is returned, and more than 40 survive here.
     everything = multiclass_nms(boxes, scores, 0.3, 0.5, -1)[2]
     assert len(everything) == len(loop_multiclass_nms(boxes, scores, 0.3, 0.5, 10**6)) > 40
+
+
+@pytest.mark.parametrize("max_num", [1, 7, 100, 900, 10**6])
+def test_nms_over_the_best_candidates_equals_nms_over_all(max_num):
+    # 6000 candidates in 5 classes crowd a small canvas, so NMS suppresses most of them and the
+    # chunk has to grow before max_num survive (216 survive in all, so 900 and more need every candidate).
+    generator = torch.Generator().manual_seed(3)
+    xy = torch.rand(6000, 2, generator=generator) * 40
+    boxes = torch.cat([xy, xy + 20 + torch.rand(6000, 2, generator=generator) * 20], dim=1)
+    scores, labels = torch.rand(6000, generator=generator), torch.randint(0, 5, (6000,), generator=generator)
+    expected = batched_nms(boxes, scores, labels, 0.5)
+    assert 100 < len(expected) < 900
+    assert best_survivors(boxes, scores, labels, 0.5, max_num).tolist() == expected[:max_num].tolist()
+    assert best_survivors(boxes, scores, labels, 0.5, -1).tolist() == expected.tolist()
 
 
 def test_thresholds_are_strict():
