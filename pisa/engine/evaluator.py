@@ -18,6 +18,8 @@ import io
 import json
 import os
 import tempfile
+import warnings
+from math import isfinite
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,7 +29,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["CocoEvaluator", "SUMMARY_NAMES", "encode_masks"]
+__all__ = ["CocoEvaluator", "SUMMARY_NAMES", "encode_masks", "usable_ground_truth"]
 
 # Names of the first six entries of COCOeval.stats (AP at IoU .5:.95, .5, .75; small, medium, large).
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -68,6 +70,100 @@ def encode_masks(masks: Any, num: int) -> list[dict]:
         if isinstance(rle["counts"], bytes):
             rle["counts"] = rle["counts"].decode("ascii")
     return rles
+
+
+def _finite_box(bbox: Any) -> bool:
+    """``bbox`` is a list of 4 finite numbers (booleans excluded)."""
+    try:
+        return (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and isfinite(v) for v in bbox))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _valid_polygons(segm: list) -> list:
+    """The parts of a polygon segmentation pycocotools can rasterise: lists of numbers, even length, at
+    least 3 points (``[[x1, y1, x2, y2]]`` would otherwise be read as a box and fail)."""
+    return [part for part in segm if isinstance(part, list) and len(part) >= 6 and len(part) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part)]
+
+
+def _empty_rle(height: int, width: int) -> dict:
+    rle = mask_util.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def usable_ground_truth(dataset: dict, ann_file: str, iou_types: Sequence[str] = ("bbox",)) -> tuple[dict, list[str]]:
+    """The ground truth of ``dataset`` (a parsed COCO instances JSON) as pycocotools can score it.
+
+    A file pycocotools scores as it stands is returned unchanged, so its numbers are exactly
+    pycocotools' (and the reference's). What would make ``COCOeval`` crash or score wrongly is fixed
+    in a shallow copy, and each kind of fix is described in the returned notes:
+
+    * an annotation without ``iscrowd`` counts as a non-crowd object (``COCOeval`` needs the key);
+    * one without a numeric ``area`` gets its box area ``w·h``, the area the dataset uses too;
+    * annotation ids that are missing, not positive integers or used twice are renumbered ``1..N`` in
+      file order: ``COCOeval`` marks "unmatched" with id 0, so an object with id 0 could never be
+      matched, and pycocotools' index keeps one annotation per id;
+    * an annotation that is not an object, or whose ``bbox`` is not 4 finite numbers, is left out
+      (``on_error='skip'`` datasets skip it too; a ``'raise'`` dataset has stopped before this);
+    * for ``segm``: polygon parts with fewer than 3 points are dropped, and an object left with no
+      polygon (or with no ``segmentation`` at all) gets an empty mask, which no detection matches.
+    """
+    anns = dataset.get("annotations")
+    if not isinstance(anns, list):
+        return dataset, []
+    sizes = {img.get("id"): (img.get("height"), img.get("width"))
+             for img in dataset.get("images", []) if isinstance(img, dict)}
+    counts = {"dropped": 0, "iscrowd": 0, "area": 0, "segm": 0}
+    kept = []
+    for ann in anns:
+        if not isinstance(ann, dict) or not _finite_box(ann.get("bbox")):
+            counts["dropped"] += 1
+            continue
+        fixed = None
+        if "iscrowd" not in ann:
+            fixed = dict(ann, iscrowd=0)
+            counts["iscrowd"] += 1
+        area = ann.get("area")
+        if not isinstance(area, (int, float)) or isinstance(area, bool):
+            fixed = dict(fixed or ann, area=float(ann["bbox"][2]) * float(ann["bbox"][3]))
+            counts["area"] += 1
+        if "segm" in iou_types:
+            segm = ann.get("segmentation")
+            if isinstance(segm, list):
+                polygons = _valid_polygons(segm)
+                segm = polygons or None
+            if not isinstance(segm, (list, dict)):
+                size = sizes.get(ann.get("image_id"))
+                segm = _empty_rle(*size) if size and all(isinstance(v, int) for v in size) else None
+            if segm is not ann.get("segmentation") and segm is not None:
+                fixed = dict(fixed or ann, segmentation=segm)
+                counts["segm"] += 1
+        kept.append(fixed or ann)
+    ids = [ann.get("id") for ann in kept]
+    renumber = (not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+                or len(set(ids)) != len(ids))
+    if renumber:
+        kept = [dict(ann, id=k + 1) for k, ann in enumerate(kept)]
+    notes = []
+    if counts["dropped"]:
+        notes.append(f"{counts['dropped']} annotations that are not objects or have no bbox of 4 finite numbers "
+                     f"are left out")
+    if counts["iscrowd"]:
+        notes.append(f"{counts['iscrowd']} annotations without 'iscrowd' count as non-crowd objects")
+    if counts["area"]:
+        notes.append(f"{counts['area']} annotations without a numeric 'area' use their box area w*h")
+    if renumber:
+        notes.append("annotation ids are renumbered 1..N (some were missing, not positive integers or repeated; "
+                     "pycocotools cannot match an object with id 0 and keeps one annotation per id)")
+    if counts["segm"]:
+        notes.append(f"{counts['segm']} segmentations had polygon parts of fewer than 3 points or none at all; "
+                     f"those parts are dropped, and an object left with nothing gets an empty mask")
+    if not notes:
+        return dataset, []
+    return dict(dataset, annotations=kept), notes
 
 
 def _unique_by_image(records: list[dict]) -> list[dict]:
@@ -165,9 +261,19 @@ class CocoEvaluator:
     # ------------------------------------------------------------------ scoring (rank 0)
 
     def _ground_truth(self) -> COCO:
+        """pycocotools' index of the annotation file, after :func:`usable_ground_truth` (which warns
+        once with what it had to fix)."""
         if self._gt is None:
+            with open(self.ann_file, encoding="utf-8") as f:
+                dataset = json.load(f)
+            dataset, notes = usable_ground_truth(dataset, self.ann_file, self.iou_types)
+            if notes:
+                warnings.warn(f"evaluating against {self.ann_file}: " + "; ".join(notes), stacklevel=3)
+            gt = COCO()
+            gt.dataset = dataset
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                self._gt = COCO(self.ann_file)
+                gt.createIndex()
+            self._gt = gt
         return self._gt
 
     def _check_against_gt(self, gt: COCO, records: list[dict]) -> None:

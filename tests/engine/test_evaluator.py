@@ -21,7 +21,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pisa.engine.evaluator import CocoEvaluator
+from pisa.engine.evaluator import CocoEvaluator, usable_ground_truth
 
 # Two images; category ids are deliberately not 0..K-1 (COCO's own ids have gaps too).
 IMAGES = {1: (80, 100), 2: (90, 120), 3: (50, 60)}  # image id -> (height, width); image 3 has no GT
@@ -188,6 +188,83 @@ def test_bad_inputs_are_reported(tmp_path):
         ev.evaluate()
     with pytest.raises(ValueError, match="iou_types"):
         CocoEvaluator("unused.json", CAT_IDS, NAMES, iou_types=("keypoints",))
+
+
+def write_raw_gt(tmp_path, anns):
+    """GT file with the given annotation dicts as they stand (no fields filled in)."""
+    images = [{"id": k, "height": h, "width": w, "file_name": f"{k}.jpg"} for k, (h, w) in IMAGES.items()]
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": n} for c, n in zip(CAT_IDS, NAMES)]}
+    path = tmp_path / "raw_gt.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_a_file_pycocotools_can_score_is_used_unchanged(tmp_path):
+    with open(write_gt(tmp_path, OBJECTS)) as f:
+        data = json.load(f)
+    assert usable_ground_truth(data, "gt.json", ("bbox", "segm")) == (data, [])
+    assert usable_ground_truth(data, "gt.json")[0] is data
+
+
+def test_annotation_id_zero_is_matched_after_renumbering(tmp_path):
+    # pycocotools records a match by the GT's id and reads 0 as "unmatched": the exact detection of a
+    # GT with id 0 counts as a false positive and the GT as missed (AP 0 when scored directly).
+    gt_path = write_raw_gt(tmp_path, [{"id": 0, "image_id": 1, "category_id": 3, "iscrowd": 0,
+                                       "bbox": [10, 10, 20, 20], "area": 400}])
+    ev = CocoEvaluator(gt_path, CAT_IDS, NAMES)
+    ev.add([1], [dets([A], [0.9], [0])])
+    with pytest.warns(UserWarning, match="renumbered"):
+        m = ev.evaluate(str(tmp_path))
+    assert m["bbox_AP"] == pytest.approx(1.0)
+    with open(tmp_path / "results_bbox.json") as f:
+        assert pycocotools_stats(gt_path, json.load(f))[0] == 0.0  # the defect this avoids
+
+
+def test_repeated_annotation_ids_keep_both_objects(tmp_path):
+    # Two cats share id 5. pycocotools' index keeps the last under that id and lists it twice, so
+    # scored directly A is not in the ground truth at all. Renumbered, A and B both count: A found,
+    # B missed -> 51/101 (the hit_and_miss case).
+    ann = {"id": 5, "image_id": 1, "category_id": 3, "iscrowd": 0}
+    gt_path = write_raw_gt(tmp_path, [dict(ann, bbox=[10, 10, 20, 20], area=400),
+                                      dict(ann, bbox=[50, 40, 20, 20], area=400)])
+    ev = CocoEvaluator(gt_path, CAT_IDS, NAMES)
+    ev.add([1], [dets([A], [0.9], [0])])
+    with pytest.warns(UserWarning, match="renumbered"):
+        assert ev.evaluate()["bbox_AP"] == pytest.approx(51 / 101)
+
+
+def test_missing_area_and_iscrowd_are_filled_and_bad_boxes_left_out(tmp_path):
+    # No "area": w*h = 400 (small), so APs is defined and APm is not. No "iscrowd": a normal object.
+    # An annotation with a string in its bbox (an on_error='skip' dataset skips it) is left out.
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20]},
+            {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [50, 40, "20", 20], "area": 1}]
+    ev = CocoEvaluator(write_raw_gt(tmp_path, anns), CAT_IDS, NAMES)
+    ev.add([1], [dets([A], [0.9], [0])])
+    with pytest.warns(UserWarning) as record:
+        m = ev.evaluate()
+    message = str(record[0].message)
+    assert "raw_gt.json" in message and "'iscrowd'" in message and "'area'" in message and "left out" in message
+    assert m["bbox_AP"] == pytest.approx(1.0) and m["bbox_APs"] == pytest.approx(1.0) and m["bbox_APm"] == -1.0
+
+
+def test_unusable_segmentations_become_what_pycocotools_can_rasterise(tmp_path):
+    # Cat 1: a valid square polygon plus a 2-point part (pycocotools would read [x, y, x, y] as a box
+    # and fail): the part is dropped, the square matches its exact mask. Cat 2: an empty polygon list,
+    # an object with no mask: no detection can match it. Both detected with exact masks: recall 1/2
+    # at precision 1, then a false positive -> segm AP50 51/101, while the boxes score 1.
+    square = [10, 10, 30, 10, 30, 30, 10, 30]
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [10, 10, 20, 20], "area": 400,
+             "segmentation": [square, [1, 1, 5, 5]]},
+            {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [50, 40, 20, 20], "area": 400,
+             "segmentation": []}]
+    ev = CocoEvaluator(write_raw_gt(tmp_path, anns), CAT_IDS, NAMES, iou_types=("bbox", "segm"))
+    masks = torch.from_numpy(np.stack([rect_mask(80, 100, *A), rect_mask(80, 100, *B)]))
+    ev.add([1], [dets([A, B], [0.9, 0.8], [0, 0], masks=masks)])
+    with pytest.warns(UserWarning, match="2 segmentations"):
+        m = ev.evaluate()
+    assert m["bbox_AP"] == pytest.approx(1.0)
+    assert m["segm_AP50"] == pytest.approx(51 / 101) and m["segm_AP"] > 0.4
 
 
 def test_duplicate_images_count_once_without_distributed(tmp_path):
