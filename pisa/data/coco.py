@@ -253,7 +253,11 @@ class CocoDataset(torch.utils.data.Dataset):
 def _decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     """Polygon list, uncompressed RLE or compressed RLE -> uint8 mask ``[height, width]``."""
     if isinstance(segm, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+        # Parts of under 3 points cover nothing; a first one of 4 numbers would be read as a box.
+        polygons = [part for part in segm if not isinstance(part, list) or len(part) >= 6]
+        if not polygons:
+            raise ValueError("no polygon part has 3 or more points")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segm.get("counts"), list):
         rle = mask_utils.frPyObjects(segm, height, width)
     else:

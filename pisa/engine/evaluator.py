@@ -82,9 +82,12 @@ def _finite_box(bbox: Any) -> bool:
 
 
 def _valid_polygons(segm: list) -> list:
-    """The parts of a polygon segmentation pycocotools can rasterise: lists of numbers, even length, at
-    least 3 points (``[[x1, y1, x2, y2]]`` would otherwise be read as a box and fail)."""
-    return [part for part in segm if isinstance(part, list) and len(part) >= 6 and len(part) % 2 == 0
+    """The parts of a polygon segmentation that can cover pixels: lists of at least 6 numbers (3 points).
+
+    Shorter parts cover nothing, and a first part of exactly 4 numbers makes pycocotools read the
+    whole list as boxes and fail.
+    """
+    return [part for part in segm if isinstance(part, list) and len(part) >= 6
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part)]
 
 
@@ -108,8 +111,8 @@ def usable_ground_truth(dataset: dict, ann_file: str, iou_types: Sequence[str] =
       matched, and pycocotools' index keeps one annotation per id;
     * an annotation that is not an object, or whose ``bbox`` is not 4 finite numbers, is left out
       (``on_error='skip'`` datasets skip it too; a ``'raise'`` dataset has stopped before this);
-    * for ``segm``: polygon parts with fewer than 3 points are dropped, and an object left with no
-      polygon (or with no ``segmentation`` at all) gets an empty mask, which no detection matches.
+    * for ``segm``: polygon parts of fewer than 6 numbers (3 points) are dropped, and an object left
+      with no polygon (or with no ``segmentation`` at all) gets an empty mask, which no detection matches.
     """
     anns = dataset.get("annotations")
     if not isinstance(anns, list):
@@ -134,7 +137,8 @@ def usable_ground_truth(dataset: dict, ann_file: str, iou_types: Sequence[str] =
             segm = ann.get("segmentation")
             if isinstance(segm, list):
                 polygons = _valid_polygons(segm)
-                segm = polygons or None
+                if not polygons or len(polygons) != len(segm):
+                    segm = polygons or None
             if not isinstance(segm, (list, dict)):
                 size = sizes.get(ann.get("image_id"))
                 segm = _empty_rle(*size) if size and all(isinstance(v, int) for v in size) else None
@@ -159,7 +163,7 @@ def usable_ground_truth(dataset: dict, ann_file: str, iou_types: Sequence[str] =
         notes.append("annotation ids are renumbered 1..N (some were missing, not positive integers or repeated; "
                      "pycocotools cannot match an object with id 0 and keeps one annotation per id)")
     if counts["segm"]:
-        notes.append(f"{counts['segm']} segmentations had polygon parts of fewer than 3 points or none at all; "
+        notes.append(f"{counts['segm']} segmentations had polygon parts of fewer than 3 points, or nothing usable; "
                      f"those parts are dropped, and an object left with nothing gets an empty mask")
     if not notes:
         return dataset, []

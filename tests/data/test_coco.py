@@ -161,7 +161,8 @@ def _square(x0, y0, x1, y1):
 
 def test_polygon_and_rle_masks(make_coco, base_coco):
     anns = base_coco["annotations"]
-    anns[0]["segmentation"] = [_square(2, 4, 10, 12)]
+    # A leading 2-point part covers nothing and would make pycocotools read the list as boxes: dropped.
+    anns[0]["segmentation"] = [[2, 4, 10, 12], _square(2, 4, 10, 12)]
     rle = mask_utils.encode(np.asfortranarray(np.pad(np.ones((2, 3), np.uint8), ((1, 13), (16, 1)))))
     anns[1]["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}  # compressed
     anns[3]["segmentation"] = {"size": [24, 12], "counts": [24 * 3 + 5, 4, 24 * 12 - 81]}  # uncompressed

@@ -148,6 +148,10 @@ CASES = [
          mutate=lambda c: [a.update(segmentation=[[1, 1, 5, 1, 5, 5, 1, 5]]) for a in c["annotations"]]
          + [c["annotations"][0].update(segmentation=[["x", 1, 2]])],
          phase="load", extra={"with_masks": True}),
+    Case("polygon of two points", E.AnnotationError, ["image id 11", "no polygon part has 3 or more points"],
+         mutate=lambda c: [a.update(segmentation=[[1, 1, 5, 1, 5, 5, 1, 5]]) for a in c["annotations"]]
+         + [c["annotations"][0].update(segmentation=[[1, 1, 5, 5]])],
+         phase="load", extra={"with_masks": True}),
 ]
 
 

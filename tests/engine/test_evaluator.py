@@ -203,8 +203,10 @@ def write_raw_gt(tmp_path, anns):
 def test_a_file_pycocotools_can_score_is_used_unchanged(tmp_path):
     with open(write_gt(tmp_path, OBJECTS)) as f:
         data = json.load(f)
-    assert usable_ground_truth(data, "gt.json", ("bbox", "segm")) == (data, [])
-    assert usable_ground_truth(data, "gt.json")[0] is data
+    data["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 30], [10, 10, 30, 30, 10, 30, 5]]  # polygons
+    for iou_types in (("bbox",), ("bbox", "segm")):
+        fixed, notes = usable_ground_truth(data, "gt.json", iou_types)
+        assert fixed is data and notes == []
 
 
 def test_annotation_id_zero_is_matched_after_renumbering(tmp_path):
@@ -249,13 +251,13 @@ def test_missing_area_and_iscrowd_are_filled_and_bad_boxes_left_out(tmp_path):
 
 
 def test_unusable_segmentations_become_what_pycocotools_can_rasterise(tmp_path):
-    # Cat 1: a valid square polygon plus a 2-point part (pycocotools would read [x, y, x, y] as a box
-    # and fail): the part is dropped, the square matches its exact mask. Cat 2: an empty polygon list,
+    # Cat 1: a 2-point part before a valid square polygon (pycocotools would read the list as boxes,
+    # its first part having 4 numbers, and fail): the part is dropped, the square matches its exact mask. Cat 2: an empty polygon list,
     # an object with no mask: no detection can match it. Both detected with exact masks: recall 1/2
     # at precision 1, then a false positive -> segm AP50 51/101, while the boxes score 1.
     square = [10, 10, 30, 10, 30, 30, 10, 30]
     anns = [{"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [10, 10, 20, 20], "area": 400,
-             "segmentation": [square, [1, 1, 5, 5]]},
+             "segmentation": [[1, 1, 5, 5], square]},
             {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [50, 40, 20, 20], "area": 400,
              "segmentation": []}]
     ev = CocoEvaluator(write_raw_gt(tmp_path, anns), CAT_IDS, NAMES, iou_types=("bbox", "segm"))
