@@ -12,13 +12,15 @@ and image sizes (rounded to powers of 2) and the ``1e-6`` added after the ``log2
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["map_roi_levels", "MultiScaleRoIAlign", "ungroup"]
+__all__ = ["map_roi_levels", "MultiScaleRoIAlign", "ungroup", "pool_rois", "roi_align_backward"]
 
 
 def map_roi_levels(rois: Tensor, num_levels: int = 4, finest_scale: float = 56.0) -> Tensor:
@@ -103,7 +105,7 @@ class MultiScaleRoIAlign(nn.Module):
                 continue
             # roi_align needs one dtype; never round the boxes to half precision.
             dtype = torch.promote_types(feature.dtype, rois.dtype)
-            level_pooled = roi_align(feature.to(dtype), rois[inds].to(dtype), self.output_size,
+            level_pooled = pool_rois(feature.to(dtype), rois[inds].to(dtype), self.output_size,
                                      spatial_scale=1.0 / stride, sampling_ratio=self.sampling_ratio, aligned=True)
             pooled.append(level_pooled.to(features[0].dtype))
             order.append(inds)
@@ -117,3 +119,107 @@ class MultiScaleRoIAlign(nn.Module):
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, strides={self.strides}, sampling_ratio={self.sampling_ratio}, "
                 f"finest_scale={self.finest_scale}")
+
+
+
+# --------------------------------------------------------------------------------------------
+# RoIAlign on the CPU threads
+# --------------------------------------------------------------------------------------------
+
+# torchvision's CPU RoIAlign kernels, forward and backward, run on one thread. Split over the RoIs
+# (forward) or over the images (backward), the same kernels give the same numbers on every thread.
+_MIN_ROIS_PER_THREAD = 64
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    size = torch.get_num_threads()
+    if _pool is None or _pool_size != size:
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=size, thread_name_prefix="pisa-roi-align"), size
+    return _pool
+
+
+def _forward_on_threads(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
+                        sampling_ratio: int, aligned: bool) -> Tensor:
+    """torchvision's ``roi_align``, its RoIs split over the intra-op threads: the same output."""
+    parts = min(torch.get_num_threads(), rois.shape[0] // _MIN_ROIS_PER_THREAD)
+    run = partial(roi_align, features, output_size=output_size, spatial_scale=spatial_scale,
+                  sampling_ratio=sampling_ratio, aligned=aligned)
+    if parts <= 1:
+        return run(rois)
+    return torch.cat(list(_threads().map(run, rois.tensor_split(parts))))
+
+
+def roi_align_backward(grad: Tensor, rois: Tensor, shape: Sequence[int], spatial_scale: float,
+                       sampling_ratio: int, aligned: bool) -> Tensor:
+    """Gradient of ``roi_align`` w.r.t. its ``(B, C, H, W)`` input, from ``grad (R, C, out, out)``.
+
+    torchvision's backward kernel, run on each thread for a block of images (an RoI only touches its
+    own image's gradient, so the blocks are written apart, with the numbers of one call); with fewer
+    images than threads, on blocks of RoIs whose gradients are then summed.
+    """
+    num_images, channels, height, width = (int(v) for v in shape)
+    out_h, out_w = grad.shape[2], grad.shape[3]
+    kernel = torch.ops.torchvision._roi_align_backward
+
+    def run(g: Tensor, r: Tensor, images: int) -> Tensor:
+        return kernel(g, r, spatial_scale, out_h, out_w, images, channels, height, width, sampling_ratio, aligned)
+
+    threads = min(torch.get_num_threads(), max(rois.shape[0] // _MIN_ROIS_PER_THREAD, 1))
+    if threads <= 1:
+        return run(grad, rois, num_images)
+    if num_images >= threads:
+        bounds = torch.linspace(0, num_images, threads + 1).round().long().tolist()
+        image = rois[:, 0].long()
+        result = grad.new_zeros(num_images, channels, height, width)
+
+        def block(lo: int, hi: int) -> None:
+            inds = torch.nonzero((image >= lo) & (image < hi)).squeeze(1)
+            if inds.numel():
+                local = rois[inds].clone()
+                local[:, 0] -= lo
+                result[lo:hi] = run(grad[inds], local, hi - lo)
+
+        list(_threads().map(block, bounds[:-1], bounds[1:]))
+        return result
+    parts = list(_threads().map(run, grad.tensor_split(threads), rois.tensor_split(threads),
+                                [num_images] * threads))
+    return torch.stack(parts).sum(0)
+
+
+class _CpuRoIAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+        ctx.save_for_backward(rois)
+        ctx.settings = (tuple(features.shape), spatial_scale, sampling_ratio, aligned)
+        return _forward_on_threads(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        shape, spatial_scale, sampling_ratio, aligned = ctx.settings
+        grad_features = None
+        if ctx.needs_input_grad[0]:
+            grad_features = roi_align_backward(grad.contiguous(), rois, shape, spatial_scale, sampling_ratio, aligned)
+        return grad_features, None, None, None, None, None
+
+
+def _graph_capture() -> bool:
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def pool_rois(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int = 0,
+              aligned: bool = True) -> Tensor:
+    """``torchvision.ops.roi_align`` on ``features (B, C, H, W)`` and ``rois (R, 5)``, the same values.
+
+    On the CPU its kernels run on every intra-op thread (:func:`roi_align_backward` for the gradient);
+    on other devices, and while a graph is traced, scripted or compiled, it is torchvision's op itself.
+    """
+    if features.device.type != "cpu" or _graph_capture() or rois.shape[0] == 0:
+        return roi_align(features, rois, output_size, spatial_scale=spatial_scale,
+                         sampling_ratio=sampling_ratio, aligned=aligned)
+    if torch.is_grad_enabled() and features.requires_grad:
+        return _CpuRoIAlign.apply(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _forward_on_threads(features, rois, output_size, spatial_scale, sampling_ratio, aligned)

@@ -139,3 +139,39 @@ def test_extra_p6_is_ignored_and_bad_inputs_are_errors():
         pool(feats[:3], rois)
     with pytest.raises(ValueError, match=r"\(R, 5\)"):
         pool(feats, rois[:, 1:])
+
+
+@pytest.mark.parametrize("num_images, sampling_ratio, aligned", [(2, 0, True), (3, 2, False), (1, 0, True)])
+def test_threaded_cpu_pooling_and_gradient_equal_torchvision(monkeypatch, num_images, sampling_ratio, aligned):
+    """pool_rois splits RoIs (forward) and images (backward; RoIs with one image) over 2 threads; the
+    pooled values are torchvision's bit for bit, and so are the gradients when split by image."""
+    import pisa.models.roi_align as ra
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+    real_roi_align = ra.roi_align
+    monkeypatch.setattr(ra, "roi_align", lambda *a, **k: calls.append(a[1].shape[0]) or real_roi_align(*a, **k))
+    try:
+        g = torch.Generator().manual_seed(0)
+        feat = torch.randn(num_images, 3, 17, 23, generator=g)
+        n = 300
+        xy = (torch.rand(n, 2, generator=g) * 1.5 - 0.25) * torch.tensor([23.0, 17.0]) * 4
+        wh = (torch.rand(n, 2, generator=g) - 0.1) * torch.tensor([23.0, 17.0]) * 2.4  # some empty, some outside
+        rois = torch.cat([torch.randint(0, num_images, (n, 1), generator=g).float(), xy, xy + wh], 1)
+        ours, ref = feat.clone().requires_grad_(), feat.clone().requires_grad_()
+        pooled = ra.pool_rois(ours, rois, 7, 0.25, sampling_ratio, aligned)
+        expected = roi_align(ref, rois, 7, 0.25, sampling_ratio, aligned)
+        assert calls == [150, 150]  # the forward ran on two halves of the RoIs
+        assert torch.equal(pooled, expected)
+        upstream = torch.randn(expected.shape, generator=g)
+        pooled.backward(upstream)
+        expected.backward(upstream)
+        if num_images >= 2:
+            assert torch.equal(ours.grad, ref.grad)
+        else:  # two partial gradients summed
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            assert torch.equal(ra.pool_rois(feat, rois, 7, 0.25, sampling_ratio, aligned), expected.detach())
+    finally:
+        torch.set_num_threads(threads)
