@@ -12,6 +12,7 @@ and image sizes (rounded to powers of 2) and the ``1e-6`` added after the ``log2
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Sequence
@@ -130,14 +131,15 @@ class MultiScaleRoIAlign(nn.Module):
 # (forward) or over the images (backward), the same kernels give the same numbers on every thread.
 _MIN_ROIS_PER_THREAD = 64
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)
 
 
 def _threads() -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    size = torch.get_num_threads()
-    if _pool is None or _pool_size != size:
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=size, thread_name_prefix="pisa-roi-align"), size
+    """A pool of ``torch.get_num_threads()`` threads, made anew after a fork (whose child has none)."""
+    global _pool, _pool_key
+    key = (os.getpid(), torch.get_num_threads())
+    if _pool is None or _pool_key != key:
+        _pool, _pool_key = ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="pisa-roi-align"), key
     return _pool
 
 
