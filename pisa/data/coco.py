@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from pisa.data import errors as E
@@ -132,7 +132,10 @@ class CocoDataset(torch.utils.data.Dataset):
             raise E.ImageDecodeError(f"cannot open image file {path} ({where}): {exc}. Replace the "
                                      f"file, {SKIP_HINT}.", **kw) from None
         with img:
-            if img.size != (info["width"], info["height"]):
+            size = (info["width"], info["height"])
+            # A camera image stored sideways with an EXIF rotation, annotated as it is displayed.
+            rotate = img.size != size and img.size == size[::-1] and _exif_orientation(img) in _ROTATING_ORIENTATIONS
+            if img.size != size and not rotate:
                 raise E.ImageSizeMismatchError(
                     f"image file {path} ({where}) is {img.width}x{img.height} (width x height) but the "
                     f"annotation file says {info['width']}x{info['height']}. The image and its "
@@ -142,7 +145,7 @@ class CocoDataset(torch.utils.data.Dataset):
             except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
                 raise E.ImageDecodeError(f"image file {path} ({where}) is truncated or corrupt: "
                                          f"{exc}. Replace the file, {SKIP_HINT}.", **kw) from None
-            return to_rgb_image(img)
+            return to_rgb_image(ImageOps.exif_transpose(img) if rotate else img)
 
     def load_masks(self, i: int) -> np.ndarray:
         """uint8 ``[N, h, w]`` instance masks of index ``i`` (needs ``with_masks=True``)."""
@@ -248,6 +251,18 @@ class CocoDataset(torch.utils.data.Dataset):
         for start in range(0, len(cells), 3):
             lines.append("   " + "   ".join(cells[start:start + 3]))
         return "\n".join(lines)
+
+
+# EXIF orientations that turn the image by 90 degrees (5-8), swapping its width and height.
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag of ``img`` (1-8), or None when it has none or it cannot be read."""
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # malformed EXIF: treat as absent
+        return None
 
 
 def _decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:

@@ -176,3 +176,31 @@ def test_polygon_and_rle_masks(make_coco, base_coco):
     m = ds.load_masks(1)
     assert m.shape == (1, 24, 12) and m.sum() == 4 and m[0, 5:9, 3].all()
     assert ds[0][1]["masks"].shape == (2, 16, 20) and ds[2][1]["masks"].shape == (0, 16, 16)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_sideways_stored_camera_image_is_turned_by_its_exif_orientation(make_coco, base_coco, orientation):
+    """Image 12 is annotated 12x24 (as displayed) but stored 24x12 with an EXIF rotation: it is
+    turned upright. Stored 24x12 without the tag, or with a 180-degree one, it is a size mismatch."""
+    from pisa.data import errors as E
+
+    _, img_dir = make_coco(base_coco)
+    upright = np.asarray(Image.open(Path(img_dir) / "b.jpg").convert("RGB"))  # 24 rows x 12 columns
+    # Stored as a camera would: turned so that applying the tag gives `upright` back; PNG keeps pixels.
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90 if orientation == 6
+                                                else Image.Transpose.ROTATE_270)
+    base_coco["images"][1]["file_name"] = "b.png"
+    ann_file, img_dir = make_coco(base_coco, write_images=False)  # same folder, new annotation file
+    for tag, turned in ((orientation, True), (None, False), (3, False)):
+        exif = Image.Exif()
+        if tag:
+            exif[0x0112] = tag
+        stored.save(Path(img_dir) / "b.png", exif=exif)
+        ds = CocoDataset(ann_file, img_dir)
+        if turned:
+            img = ds.load_image(1)
+            assert img.size == (12, 24)
+            np.testing.assert_array_equal(np.asarray(img), upright)
+        else:
+            with pytest.raises(E.ImageSizeMismatchError, match="24x12"):
+                ds.load_image(1)
