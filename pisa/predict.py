@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from pisa.cli import UsageError, reported_errors
 from pisa.config import add_config_args, load_config
@@ -62,10 +62,11 @@ def class_info(classes: ClassInfo | None, num_classes: int) -> tuple[list[str], 
 
 
 def load_image(path: Path, transforms) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read ``path`` as RGB and apply the test pipeline; the target carries only metas."""
+    """Read ``path`` as RGB, upright by its EXIF orientation as a viewer shows it, and apply the test
+    pipeline; the target carries only metas. Boxes are in that upright image's pixels."""
     try:
         with Image.open(path) as img:
-            img = to_rgb_image(img)
+            img = to_rgb_image(ImageOps.exif_transpose(img))
             img.load()
     except (OSError, UnidentifiedImageError) as err:
         raise ImageDecodeError(f"cannot read image {path}: {err}; remove it from the inputs or re-save it",
@@ -136,7 +137,7 @@ def draw_detections(img: Image.Image, det: dict[str, torch.Tensor], names: Seque
 def draw(path: Path, det: dict[str, torch.Tensor], names: Sequence[str], out: Path) -> None:
     """Save a copy of ``path`` with boxes, class names and scores drawn."""
     with Image.open(path) as img:
-        draw_detections(img, det, names).save(out)
+        draw_detections(ImageOps.exif_transpose(img), det, names).save(out)
 
 
 def to_coco(image_id: int, path: Path, det: dict[str, torch.Tensor], cat_ids: Sequence[int]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -91,3 +92,17 @@ def test_to_coco_writes_masks_as_rle_that_decode_to_the_masks():
         assert (mask_util.decode(row["segmentation"]) == mask.numpy()).all()
     assert "segmentation" not in to_coco(7, Path("img.jpg"), {k: v for k, v in det.items() if k != "masks"},
                                          [3, 9])[0]
+
+
+def test_a_photo_with_an_exif_rotation_is_read_upright(tmp_path):
+    """A viewer shows a 24x12 file tagged orientation 6 as 12 wide and 24 high; predict reads it so."""
+    from pisa.predict import load_image
+
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 256, (24, 12, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.png", exif=exif)
+    image, target = load_image(tmp_path / "photo.png", lambda img, t: (img, t))
+    assert image.size == (12, 24) and target["ori_shape"] == (24, 12)
+    np.testing.assert_array_equal(np.asarray(image), upright)
