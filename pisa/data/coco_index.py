@@ -23,7 +23,7 @@ import numpy as np
 from pisa.data import errors as E
 
 ON_ERROR_MODES = ("raise", "skip")
-SKIP_HINT = "or pass on_error='skip' to skip it"
+SKIP_HINT = "or set the dataset's on_error to 'skip' (--set data.train.on_error=skip, or data.val) to skip it"
 
 
 class PackedBytes:

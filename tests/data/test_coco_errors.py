@@ -184,7 +184,7 @@ def test_raise_names_the_problem(make_coco, base_coco, case):
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert isinstance(info.value, ValueError) and isinstance(info.value, E.DatasetError)
     if case.skippable:
-        assert "or pass on_error='skip' to skip it" in message  # says what to do
+        assert "on_error to 'skip' (--set data.train.on_error=skip" in message  # says what to do
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.skippable], ids=lambda c: c.name)
