@@ -22,6 +22,8 @@ from test_export import assert_same_detections, assert_same_results, graph_input
 ROOT = Path(__file__).resolve().parents[1]
 FASTER = str(ROOT / "configs" / "demo" / "faster_rcnn_r18_demo.yaml")
 MASK = str(ROOT / "configs" / "demo" / "mask_rcnn_r18_demo.yaml")
+SF_FASTER = str(ROOT / "configs" / "demo" / "sampling_free_faster_rcnn_r18_demo.yaml")
+SF_MASK = str(ROOT / "configs" / "demo" / "sampling_free_mask_rcnn_r18_demo.yaml")
 # finest_scale 8 instead of 56: on images of ~100 px, RoIs of sqrt(w·h) >= 16 px go to P3, >= 32 to P4, >= 64 to P5.
 TINY = ["model.neck.out_channels=16", "model.rpn.feat_channels=16", "model.roi_head.fc_channels=32",
         "model.rpn.test={nms_pre: 200, max_per_img: 60}", "model.roi_head.finest_scale=8"]
@@ -31,7 +33,7 @@ TINY_MASK = [*TINY, "model.roi_head.mask={conv_channels: 16, num_convs: 1}"]
 def spread_model(config: str, *overrides: str) -> torch.nn.Module:
     """A tiny random two-stage model with wide RPN and box-classifier weights: proposals of every
     size (so RoIs land on several pyramid levels), many class scores above 0.3, boxes that move."""
-    tiny = TINY_MASK if config == MASK else TINY
+    tiny = TINY_MASK if config in (MASK, SF_MASK) else TINY
     cfg = load_config(config, [*tiny, "model.roi_head.test.score_thr=0.3", *overrides], check_paths=False)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -119,6 +121,26 @@ def test_onnx_runtime_matches_pytorch_at_batch_1_and_n(ort, tmp_path, config):
     if config == MASK:
         assert_same_masks(ours, reference, max_fraction=1e-3)
 
+
+@pytest.mark.parametrize("config", [SF_FASTER, SF_MASK])
+def test_sampling_free_graph_keeps_its_adaptive_threshold(ort, tmp_path, config):
+    """Sampling-Free's R-CNN test threshold (sampling_free.rcnn_score_thr, 1e-4 in place of the 0.3 set
+    here) is in the graph: ONNX Runtime gives PyTorch's detections, most of them scored under 0.3."""
+    from pisa.engine.onnx_runner import OnnxDetector
+    from pisa.export_model import export_onnx
+
+    model = spread_model(config)
+    assert model.roi_head.test.score_thr == pytest.approx(1e-4)
+    images, targets = batch_of_two()
+    with torch.no_grad():
+        export_onnx(model, tmp_path / "sf.onnx", batch=2, size=(96, 128))
+        reference = model(images, targets)
+    low = torch.cat([r["scores"] for r in reference]) < 0.3
+    assert low.float().mean() > 0.5
+    ours = OnnxDetector(tmp_path / "sf.onnx")(images, targets)
+    assert_same_detections(ours, reference)
+    if config == SF_MASK:
+        assert_same_masks(ours, reference, max_fraction=1e-3)
 
 
 def test_dynamic_mask_rcnn_graph_matches_pytorch_at_other_batches_and_sizes(ort, tmp_path):
